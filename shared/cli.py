@@ -1,0 +1,188 @@
+"""The command line shared by every pipeline: ``python -m pipelines.<name> <command> [flags]``.
+
+Commands are ``train``, ``evaluate``, ``predict``, ``tune`` and ``export``. Results
+(metrics JSON, predictions) go to standard output; logs go to standard error. Exit
+codes: 0 success, 1 failure, 2 bad usage (unknown flag, invalid config value).
+
+The config is resolved as preset, then ``--config`` files, then ``--set`` overrides.
+``train`` saves it as ``config.yaml`` in the run directory; the other commands start
+from that saved config when it exists, so they describe the model that was trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from shared.config import (
+    SEARCH_STAGES,
+    TFLITE_VARIANTS,
+    TUNERS,
+    config_to_dict,
+    load_config,
+    resolve_config,
+    save_config,
+    select_preset,
+)
+from shared.datafiles import resolve_data_dir
+from shared.errors import ConfigError, DataError, ExportError
+from shared.runs import default_run_dir
+
+logger = logging.getLogger(__name__)
+
+COMMANDS = ("train", "evaluate", "predict", "tune", "export")
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandContext:
+    """What a command needs besides the config: paths, the parsed flags and the output stream."""
+
+    pipeline: str
+    command: str
+    run_dir: Path
+    data_dir: Path
+    preset: str
+    args: argparse.Namespace
+    stdout: TextIO
+
+
+CommandFn = Callable[[Any, CommandContext], "Mapping[str, Any] | None"]
+
+
+def build_parser(pipeline: str, presets: Mapping[str, Any], description: str | None) -> argparse.ArgumentParser:
+    """Build the argument parser with one subcommand per pipeline command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--preset", default="default", help=f"named config preset: {', '.join(sorted(presets))}")
+    common.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
+                        help="YAML config file applied over the preset; repeatable, later files win")
+    common.add_argument("--set", action="append", default=[], dest="overrides", metavar="SECTION.FIELD=VALUE",
+                        help="override one config value, e.g. --set train.epochs=5; repeatable, applied last")
+    common.add_argument("--data-dir", help="dataset root (default: $PIPELINES_DATA_DIR, else the cache folder)")
+    common.add_argument("--run-dir", help=f"run directory (default: saved_models/{pipeline}/<preset>)")
+    common.add_argument("--seed", type=int, help="random seed; overrides train.seed")
+    common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log verbosity on standard error")
+
+    parser = argparse.ArgumentParser(prog=f"python -m pipelines.{pipeline}", description=description)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("train", parents=[common], help="train a model and save it in the run directory")
+
+    evaluate = commands.add_parser("evaluate", parents=[common], help="score the trained model on a split")
+    evaluate.add_argument("--split", help="split to evaluate (default: the dataset's standard test split)")
+    evaluate.add_argument("--limit", type=int, help="evaluate only the first N examples")
+
+    predict = commands.add_parser("predict", parents=[common], help="run the trained model on new input")
+    predict.add_argument("--input", default="-", help="input file (default: standard input)")
+    predict.add_argument("--output", default="-", help="output file (default: standard output)")
+
+    tune = commands.add_parser("tune", parents=[common], help="run a KerasTuner hyperparameter search")
+    tune.add_argument("--tuner", choices=TUNERS, help="search algorithm (default: tune.tuner)")
+    tune.add_argument("--max-trials", type=int, help="trials per stage (default: tune.max_trials)")
+    tune.add_argument("--executions-per-trial", type=int, help="models trained per trial")
+    tune.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop starting trials after this")
+    tune.add_argument("--stage", choices=("all", *SEARCH_STAGES), default="all",
+                      help="run one search stage alone, or all in order")
+
+    export = commands.add_parser("export", parents=[common], help="export SavedModel and TFLite models")
+    export.add_argument("--variants", help=f"comma-separated TFLite variants from {','.join(TFLITE_VARIANTS)}")
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    """Send logs to standard error at ``level``; standard output is kept for results."""
+    logging.basicConfig(
+        level=getattr(logging, level),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def resolve_command_config(args: argparse.Namespace, presets: Mapping[str, Any], run_dir: Path) -> Any:
+    """Resolve the config for a command: preset or the run's saved config, then files, then --set."""
+    base = select_preset(presets, args.preset)
+    saved = run_dir / "config.yaml"
+    if args.command != "train" and saved.is_file():
+        logger.info("Using the config saved with the trained model: %s", saved)
+        base = load_config(type(base), saved)
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"train.seed={args.seed}")
+    return resolve_config(base, args.config, overrides)
+
+
+def check_resume_config(config: Any, run_dir: Path) -> None:
+    """Reject resuming an interrupted run with a different config, which would corrupt it."""
+    saved = run_dir / "config.yaml"
+    if not (run_dir / "backup").exists() or not saved.is_file():
+        return
+    previous = load_config(type(config), saved)
+    if config_to_dict(previous) != config_to_dict(config):
+        raise ConfigError(
+            f"{run_dir} holds an interrupted run trained with another config ({saved}). "
+            "Rerun with the same preset, --config and --set to resume it, or pass a new --run-dir."
+        )
+
+
+def run_cli(
+    pipeline: str,
+    presets: Mapping[str, Any],
+    commands: Mapping[str, CommandFn],
+    argv: list[str] | None = None,
+    description: str | None = None,
+    stdout: TextIO | None = None,
+) -> int:
+    """Parse ``argv``, resolve the config, run the command and return the exit code."""
+    parser = build_parser(pipeline, presets, description)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:  # argparse exits 2 on bad usage and 0 on --help.
+        return int(exit_request.code or 0)
+    configure_logging(args.log_level)
+    stdout = stdout or sys.stdout
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(pipeline, args.preset)
+    try:
+        config = resolve_command_config(args, presets, run_dir)
+        if args.command == "train":
+            check_resume_config(config, run_dir)
+    except (ConfigError, DataError) as error:
+        logger.error("%s", error)
+        return EXIT_USAGE
+    logger.info("Resolved config for %s %s:\n%s", pipeline, args.command,
+                yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip())
+    if args.command == "train":
+        logger.info("Saved config to %s", save_config(config, run_dir / "config.yaml"))
+    context = CommandContext(pipeline, args.command, run_dir, resolve_data_dir(args.data_dir), args.preset, args,
+                             stdout)
+    return dispatch(commands, config, context)
+
+
+def dispatch(commands: Mapping[str, CommandFn], config: Any, context: CommandContext) -> int:
+    """Run the command and print its result as JSON; map errors to exit codes."""
+    from shared.training import set_seeds  # Imported late: it loads TensorFlow.
+
+    set_seeds(config.train.seed)
+    try:
+        result = commands[context.command](config, context)
+    except ConfigError as error:
+        logger.error("%s", error)
+        return EXIT_USAGE
+    except (DataError, ExportError) as error:
+        logger.error("%s", error)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        logger.error("Interrupted; files already written in %s are kept.", context.run_dir)
+        return 130
+    if result is not None:
+        context.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+        context.stdout.flush()
+    return EXIT_OK
