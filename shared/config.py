@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -271,9 +272,7 @@ def coerce_value(where: str, value: Any, field_type: Any) -> Any:
             raise ConfigError(f"{where}: invalid value {value!r}; expected an integer.")
         return int(value)
     if field_type is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: invalid value {value!r}; expected a number.")
-        return float(value)
+        return _coerce_float(where, value)
     if field_type is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: invalid value {value!r}; expected a string.")
@@ -288,6 +287,18 @@ def coerce_value(where: str, value: Any, field_type: Any) -> Any:
             raise ConfigError(f"{where}: invalid value {value!r}; expected a mapping.")
         return dict(value)
     raise ConfigError(f"{where}: unsupported field type {field_type!r}.")  # A bug in a config class.
+
+
+def _coerce_float(where: str, value: Any) -> float:
+    # YAML 1.1 reads "5e-4" (no dot) as a string, so numeric strings are accepted here.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{where}: invalid value {value!r}; expected a finite number.")
+    return float(value)
 
 
 def config_from_dict(config_cls: type[ConfigT], data: Mapping[str, Any], where: str = "") -> ConfigT:

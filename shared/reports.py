@@ -29,7 +29,11 @@ def load_history_csv(path: str | Path) -> dict[str, list[float]]:
         for name, value in row.items():
             if name == "epoch" or value in (None, ""):
                 continue
-            columns.setdefault(name, []).append(float(value))
+            try:
+                number = float(value)
+            except ValueError:  # CSVLogger writes "NA" for a metric missing from an epoch.
+                number = float("nan")
+            columns.setdefault(name, []).append(number)
     return columns
 
 
