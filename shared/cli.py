@@ -44,7 +44,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 @dataclasses.dataclass(frozen=True)
 class CommandContext:
-    """What a command needs besides the config: paths, the parsed flags and the output stream."""
+    """Paths, parsed flags and output stream passed to a command together with its config."""
 
     pipeline: str
     command: str
@@ -128,7 +128,7 @@ def check_resume_config(config: Any, run_dir: Path) -> None:
     previous = load_config(type(config), saved)
     if config_to_dict(previous) != config_to_dict(config):
         raise ConfigError(
-            f"{run_dir} holds an interrupted run trained with another config ({saved}). "
+            f"{run_dir} contains an interrupted run trained with another config ({saved}). "
             "Rerun with the same preset, --config and --set to resume it, or pass a new --run-dir."
         )
 
