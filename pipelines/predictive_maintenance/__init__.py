@@ -1,0 +1,1 @@
+"""Predictive maintenance: remaining useful life (RUL) of turbofan engines from sensor histories."""
