@@ -1,0 +1,1 @@
+"""Translation pipeline: SentencePiece, bidirectional RNN encoder, attention decoder, TFLite."""
