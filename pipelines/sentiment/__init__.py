@@ -1,0 +1,1 @@
+"""Sentiment pipeline: recurrent text classifier on IMDB, SST or a user CSV, exported to TFLite."""

@@ -1,0 +1,164 @@
+"""End-to-end tests of the sentiment commands on a synthetic CSV, and bounded real-data runs."""
+
+import io
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipelines.sentiment.config import PRESETS, DataConfig
+from pipelines.sentiment.data import truncate_ids
+from pipelines.sentiment.pipeline import COMMANDS
+from pipelines.sentiment.serving import QUANTIZED_TOLERANCES, truncate_ragged
+from shared.cli import run_cli
+
+POSITIVE = ["great", "superb", "lovely", "moving", "brilliant"]
+NEGATIVE = ["awful", "boring", "dreadful", "clumsy", "tedious"]
+FILLER = ["the", "film", "plot", "actor", "scene", "music", "story", "ending", "camera", "script"]
+
+
+def write_reviews(path, count, seed):
+    """Write a CSV whose label follows the sentiment words in each text."""
+    rng = random.Random(seed)
+    rows = ["text,label"]
+    for index in range(count):
+        label = "pos" if index % 2 else "neg"
+        words = rng.choices(FILLER, k=rng.randint(3, 12)) + rng.choices(POSITIVE if label == "pos" else NEGATIVE, k=2)
+        rng.shuffle(words)
+        rows.append(f"{' '.join(words)},{label}")
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def cli(command, run_dir, *extra):
+    stdout = io.StringIO()
+    code = run_cli("sentiment", PRESETS, COMMANDS, argv=[command, "--preset", "tiny", "--run-dir", str(run_dir),
+                                                         *extra], stdout=stdout)
+    return code, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """Train the tiny preset once on a synthetic CSV (max length 16)."""
+    folder = tmp_path_factory.mktemp("sentiment")
+    train_file = write_reviews(folder / "train.csv", 400, seed=1)
+    test_file = write_reviews(folder / "test.csv", 120, seed=2)
+    run_dir = folder / "run"
+    settings = ["--set", "data.dataset=csv", "--set", f"data.train_file={train_file}",
+                "--set", f"data.test_file={test_file}", "--set", "data.vocab_size=300",
+                "--set", "data.max_length=16", "--set", "train.epochs=2", "--data-dir", str(folder)]
+    code, output = cli("train", run_dir, *settings)
+    assert code == 0
+    return {"run_dir": run_dir, "metrics": json.loads(output), "folder": folder}
+
+
+def test_train_writes_run(trained_run):
+    run_dir = trained_run["run_dir"]
+    for name in ("model.keras", "metrics.json", "tokenizer/spm.model", "labels.json", "config.yaml"):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "labels.json").read_text())["label_names"] == ["neg", "pos"]
+
+
+def test_train_learns_synthetic(trained_run):
+    assert trained_run["metrics"]["best"] >= 0.9
+
+
+def test_evaluate_report(trained_run):
+    run_dir = trained_run["run_dir"]
+    code, output = cli("evaluate", run_dir, "--data-dir", str(trained_run["folder"]))
+    assert code == 0
+    metrics = json.loads(output)
+    assert metrics["split"] == "test"
+    assert metrics["examples"] == 120
+    assert metrics["accuracy"] >= 0.9
+    assert sum(map(sum, metrics["confusion_matrix"])) == 120
+    assert (run_dir / "confusion_matrix_test.png").stat().st_size > 0
+    report = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert "most confident mistakes" in report
+    assert "| negative" not in report  # label names come from the CSV
+    assert "| neg |" in report
+
+
+def test_predict_file(trained_run, tmp_path):
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("the plot superb film brilliant\nawful story tedious film\n", encoding="utf-8")
+    outputs = tmp_path / "predictions.jsonl"
+    code, _ = cli("predict", trained_run["run_dir"], "--input", str(inputs), "--output", str(outputs),
+                  "--data-dir", str(trained_run["folder"]))
+    assert code == 0
+    rows = [json.loads(line) for line in outputs.read_text().splitlines()]
+    assert [row["label"] for row in rows] == ["pos", "neg"]
+    assert rows[0]["probability"] > 0.5
+
+
+def test_predict_empty_line_fails(trained_run, tmp_path):
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("fine film\n\n", encoding="utf-8")
+    code, output = cli("predict", trained_run["run_dir"], "--input", str(inputs),
+                       "--data-dir", str(trained_run["folder"]))
+    assert code == 1
+    assert output == ""
+
+
+@pytest.mark.slow
+def test_export_tflite_parity(trained_run):
+    run_dir = trained_run["run_dir"]
+    code, _ = cli("export", run_dir, "--data-dir", str(trained_run["folder"]), "--variants", "float32,int8")
+    assert code == 0
+    report = json.loads((run_dir / "export" / "export_report.json").read_text())
+    variants = report["classifier"]["variants"]
+    assert variants["float32"]["max_abs_diff"]["probabilities"] <= 1e-4
+    assert variants["int8"]["max_abs_diff"]["probabilities"] <= QUANTIZED_TOLERANCES["int8"]
+    assert variants["int8"]["metric"] >= report["classifier"]["keras_metric"] - 0.05
+    assert not [op for op in variants["int8"]["ops"] if op.startswith("Flex")]
+    assert report["text_savedmodel"]["status"] == "passed"
+
+
+@pytest.mark.slow
+def test_tune_one_stage(trained_run, tmp_path):
+    folder = trained_run["folder"]
+    settings = ["--set", "data.dataset=csv", "--set", f"data.train_file={folder / 'train.csv'}",
+                "--set", "data.vocab_size=300", "--set", "data.max_length=16", "--data-dir", str(folder)]
+    code, output = cli("tune", tmp_path / "tune", *settings, "--max-trials", "2", "--stage", "size")
+    assert code == 0
+    summary = json.loads(output)
+    assert summary["trials"] == 2
+    assert 4 <= summary["best_hyperparameters"]["units"] <= 16
+    assert (tmp_path / "tune" / "best.yaml").is_file()
+
+
+@pytest.mark.parametrize("truncation", ["head", "tail", "head_tail"])
+def test_ragged_truncation_matches_python(truncation):
+    config = DataConfig(max_length=5, truncation=truncation, head_fraction=0.4)
+    rows = [list(range(1, 12)), [4, 5], list(range(20, 25)), list(range(30, 36))]
+    truncated = truncate_ragged(tf.ragged.constant(rows, dtype=tf.int32), config).to_list()
+    assert truncated == [truncate_ids(row, 5, truncation, 0.4) for row in rows]
+
+
+def run_real_tiny(tmp_path, preset_overrides, evaluate_limit):
+    data_dir = os.environ["PIPELINES_DATA_DIR"]
+    run_dir = tmp_path / "run"
+    code, output = cli("train", run_dir, "--data-dir", data_dir, *preset_overrides)
+    assert code == 0
+    code, output = cli("evaluate", run_dir, "--data-dir", data_dir, "--limit", str(evaluate_limit))
+    assert code == 0
+    return json.loads(output)
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_real_imdb_slice(data_dir, tmp_path):
+    metrics = run_real_tiny(tmp_path, [], 300)
+    assert metrics["examples"] == 300
+    assert np.isfinite(metrics["accuracy"])
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_real_sst2_slice(data_dir, tmp_path):
+    metrics = run_real_tiny(tmp_path, ["--set", "data.dataset=sst2", "--set", "data.strip_html=false"], 300)
+    assert metrics["examples"] == 300
+    assert set(metrics["per_class"]) == {"negative", "positive"}
