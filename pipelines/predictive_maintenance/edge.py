@@ -27,7 +27,12 @@ import keras
 import numpy as np
 
 from pipelines.predictive_maintenance.config import ModelConfig
-from pipelines.predictive_maintenance.model import RUL_OUTPUT, build_rul_model
+from pipelines.predictive_maintenance.model import (
+    MEAN_FRACTION,
+    RUL_OUTPUT,
+    build_rul_model,
+    list_member_prefixes,
+)
 from pipelines.predictive_maintenance.scoring import compute_nasa_score, compute_rmse
 from pipelines.predictive_maintenance.windows import PADDING_MASK, READINGS, EngineWindows
 from shared.config import ExportConfig
@@ -53,10 +58,15 @@ HEAD_LAYER_TYPES = (keras.layers.Dense, keras.layers.Rescaling)
 StepFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
-def list_recurrent_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """Return the model's recurrent layers in order (named ``recurrent_0``, ``recurrent_1``, ...)."""
-    layers = [layer for layer in model.layers if layer.name.startswith("recurrent_")]
+def list_recurrent_layers(model: keras.Model, prefix: str = "") -> list[keras.layers.Layer]:
+    """Return one member's recurrent layers in order: ``{prefix}recurrent_0``, ``_1``, ..."""
+    layers = [layer for layer in model.layers if layer.name.startswith(f"{prefix}recurrent_")]
     return sorted(layers, key=lambda layer: int(layer.name.rsplit("_", 1)[1]))
+
+
+def count_members(model: keras.Model) -> int:
+    """Return how many ensemble members the window model averages (1 for a single model)."""
+    return sum(1 for layer in model.layers if layer.name.endswith("rul_fraction"))
 
 
 def build_window_export_model(
@@ -85,6 +95,8 @@ def build_streaming_model(model: keras.Model) -> keras.Model:
     Raises:
         ConfigError: a recurrent layer is bidirectional or otherwise cannot stream.
     """
+    if count_members(model) > 1:
+        return build_ensemble_streaming_model(model)
     head = [layer for layer in model.layers if isinstance(layer, HEAD_LAYER_TYPES)]
     step = build_step_model(
         list_recurrent_layers(model), input_features=model.input[READINGS].shape[-1], head=head
@@ -101,6 +113,56 @@ def build_streaming_model(model: keras.Model) -> keras.Model:
         # The dict keys are the names that callers, the SavedModel and the TFLite signature use.
         warnings.filterwarnings("ignore", message="When providing `inputs` as a dict")
         return keras.Model(inputs, outputs, name="rul_streaming_model")
+
+
+def rename_member_state(name: str, member: int, layers: int) -> str:
+    """Return a member's state name in the ensemble: ``state_{member * layers + i}_{h or c}``."""
+    _, layer_index, suffix = name.split("_")
+    return f"state_{member * layers + int(layer_index)}_{suffix}"
+
+
+def list_member_head(model: keras.Model, prefix: str) -> list[keras.layers.Layer]:
+    """Return one member's dense head layers in order; dropout is left out (inference only)."""
+    names = {layer.name for layer in model.layers}
+    return [
+        model.get_layer(f"{prefix}{name}")
+        for name in ("head_hidden", "rul_fraction")
+        if f"{prefix}{name}" in names
+    ]
+
+
+def build_ensemble_streaming_model(model: keras.Model) -> keras.Model:
+    """Build the one-step model of an ensemble: members step on their own states, then average.
+
+    Member ``k``'s layer ``i`` owns the state ``state_{k * layers + i}_*``, so the state
+    names keep the single model's pattern.
+    """
+    features = model.input[READINGS].shape[-1]
+    reading = keras.Input((features,), batch_size=1, name=READING)
+    inputs, outputs, fractions = {READING: reading}, {}, []
+    for member, prefix in enumerate(list_member_prefixes(count_members(model))):
+        recurrent = list_recurrent_layers(model, prefix)
+        step = build_step_model(
+            recurrent,
+            input_features=features,
+            head=list_member_head(model, prefix),
+            name=f"{prefix}step_model",
+        )
+        feed = {STEP_INPUT_NAME: reading}
+        for name in [name for name in step.input if name != STEP_INPUT_NAME]:
+            renamed = rename_member_state(name, member, len(recurrent))
+            inputs[renamed] = keras.Input(step.input[name].shape[1:], batch_size=1, name=renamed)
+            feed[name] = inputs[renamed]
+        result = step(feed)
+        fractions.append(result.pop(STEP_OUTPUT_NAME))
+        outputs.update(
+            {
+                rename_member_state(name, member, len(recurrent)): value
+                for name, value in result.items()
+            }
+        )
+    outputs[RUL_OUTPUT] = model.get_layer(RUL_OUTPUT)(model.get_layer(MEAN_FRACTION)(fractions))
+    return keras.Model(inputs, outputs, name="rul_streaming_model")
 
 
 def list_state_names(streaming_model: keras.Model) -> list[str]:

@@ -6,6 +6,10 @@ right). The recurrent stack returns its output at the last real reading, so a sh
 padded window gives the same RUL as its real readings alone. The output ``rul`` is in
 cycles: the last dense layer predicts RUL as a fraction of the cap and a fixed
 rescaling multiplies it back, which keeps the weights' scale independent of the cap.
+With ``model.members`` above 1 the model is an ensemble inside one Keras model: each
+member ``k`` has its own stack and head (layers named ``member{k}_recurrent_0``, ...,
+``member{k}_rul_fraction``) and reads the same inputs. The mean of their fractions is
+rescaled to cycles, so the ensemble saves and exports as one model.
 No convolution layer is used, because Keras ``Conv1D`` does not pass masks on.
 """
 
@@ -20,6 +24,7 @@ from shared.recurrent import apply_recurrent_stack, build_recurrent_stack
 from shared.training import build_optimizer
 
 RUL_OUTPUT = "rul"
+MEAN_FRACTION = "rul_fraction_mean"
 
 
 @keras.saving.register_keras_serializable(package="rnn_pipelines")
@@ -38,16 +43,31 @@ class ScaledMeanSquaredError(keras.losses.Loss):
         return {**super().get_config(), "scale": self.scale}
 
 
-def build_head(config: ModelConfig, rul_cap: float) -> list[keras.layers.Layer]:
-    """Build the dense head: optional hidden layer and dropout, a linear unit, the rescaling."""
+def build_head(config: ModelConfig, prefix: str = "") -> list[keras.layers.Layer]:
+    """Build one dense head: optional hidden layer and dropout, then a linear unit (RUL / cap)."""
     layers: list[keras.layers.Layer] = []
     if config.head_units:
-        layers.append(keras.layers.Dense(config.head_units, activation="relu", name="head_hidden"))
+        layers.append(
+            keras.layers.Dense(config.head_units, activation="relu", name=f"{prefix}head_hidden")
+        )
         if config.head_dropout:
-            layers.append(keras.layers.Dropout(config.head_dropout, name="head_dropout"))
-    layers.append(keras.layers.Dense(1, name="rul_fraction"))
-    layers.append(keras.layers.Rescaling(rul_cap, name=RUL_OUTPUT))
+            layers.append(keras.layers.Dropout(config.head_dropout, name=f"{prefix}head_dropout"))
+    layers.append(keras.layers.Dense(1, name=f"{prefix}rul_fraction"))
     return layers
+
+
+def list_member_prefixes(members: int) -> list[str]:
+    """Return the layer-name prefix of each ensemble member: ``[""]`` for a single model."""
+    return [""] if members == 1 else [f"member{index}_" for index in range(members)]
+
+
+def apply_member(config: ModelConfig, prefix: str, readings, padding_mask):
+    """Build one member's recurrent stack and head and return its RUL fraction."""
+    layers = build_recurrent_stack(config, name=f"{prefix}recurrent")
+    hidden = apply_recurrent_stack(layers, readings, mask=padding_mask)
+    for layer in build_head(config, prefix):
+        hidden = layer(hidden)
+    return hidden
 
 
 def build_rul_model(
@@ -73,11 +93,16 @@ def build_rul_model(
     padding_mask = keras.Input(
         (window_length,), batch_size=batch_size, dtype="bool", name=PADDING_MASK
     )
-    hidden = apply_recurrent_stack(build_recurrent_stack(config), readings, mask=padding_mask)
-    for layer in build_head(config, rul_cap):
-        hidden = layer(hidden)
+    fractions = [
+        apply_member(config, prefix, readings, padding_mask)
+        for prefix in list_member_prefixes(config.members)
+    ]
+    fraction = fractions[0]
+    if len(fractions) > 1:
+        fraction = keras.layers.Average(name=MEAN_FRACTION)(fractions)
+    rul = keras.layers.Rescaling(rul_cap, name=RUL_OUTPUT)(fraction)
     return keras.Model(
-        {READINGS: readings, PADDING_MASK: padding_mask}, hidden, name="rul_window_model"
+        {READINGS: readings, PADDING_MASK: padding_mask}, rul, name="rul_window_model"
     )
 
 

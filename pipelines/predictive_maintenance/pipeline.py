@@ -10,6 +10,7 @@ that ends at its last reading, scored against the true RUL file.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -43,7 +44,12 @@ from pipelines.predictive_maintenance.edge import (
     score_variants,
     stream_windows,
 )
-from pipelines.predictive_maintenance.model import RUL_OUTPUT, build_rul_model, compile_rul_model
+from pipelines.predictive_maintenance.model import (
+    RUL_OUTPUT,
+    build_rul_model,
+    compile_rul_model,
+    list_member_prefixes,
+)
 from pipelines.predictive_maintenance.plots import plot_predicted_vs_true, plot_trajectories
 from pipelines.predictive_maintenance.preprocessing import (
     PREPROCESSING_FILE,
@@ -66,7 +72,7 @@ from shared.padding import padding_fraction
 from shared.reports import format_metrics_table, write_report
 from shared.runs import read_json, write_json, write_text_atomic
 from shared.timeseries import TRAIN, VALIDATION, split_entities
-from shared.training import train_model
+from shared.training import set_seeds, train_model
 from shared.tuning import run_tuning
 
 logger = logging.getLogger(__name__)
@@ -180,26 +186,20 @@ def build_compiled_model(
 
 
 def train(config: PredictiveMaintenanceConfig, context: CommandContext) -> dict[str, Any]:
-    """Train the RUL model on the training engines, early-stopping on held-out engines."""
+    """Train the RUL model on the training engines, early-stopping on held-out engines.
+
+    With ``model.members`` above 1, each member trains on its own (seed ``train.seed + k``,
+    same engine split) under ``members/member{k}/``, and the members are then joined into
+    one averaging model saved as ``model.keras``.
+    """
     run_dir = context.run_dir
     preprocessor, windows, _ = prepare_training_data(config, context.data_dir, run_dir)
-    steps_per_epoch = config.train.steps_per_epoch or math.ceil(
-        len(windows[TRAIN]) / config.train.batch_size
-    )
-    model = build_compiled_model(config, len(preprocessor.feature_names), steps_per_epoch)
-    logger.info("Model: %d parameters, inputs %s", model.count_params(), preprocessor.feature_names)
-    train_ds, validation_ds = make_datasets(config, windows)
-    metrics = train_model(
-        model,
-        train_ds,
-        validation_ds,
-        config.train,
-        run_dir,
-        monitor="val_loss",
-        mode="min",
-        num_train_samples=len(windows[TRAIN]),
-        verbose=2,
-    )
+    num_features = len(preprocessor.feature_names)
+    logger.info("Inputs: %s", preprocessor.feature_names)
+    if config.model.members == 1:
+        model, metrics = train_single_model(config, windows, num_features, run_dir)
+    else:
+        model, metrics = train_ensemble(config, windows, num_features, run_dir)
     validation = predict_windows(model, windows[VALIDATION])
     metrics["validation_rmse_all_windows"] = compute_rmse(validation, windows[VALIDATION].targets)
     write_json(run_dir / "metrics.json", metrics)
@@ -212,11 +212,93 @@ def train(config: PredictiveMaintenanceConfig, context: CommandContext) -> dict[
             "model.keras",
             PREPROCESSING_FILE,
             SPLITS_FILE,
-            "learning_curves.png",
-            "history.csv",
+            *(
+                ["learning_curves.png", "history.csv"]
+                if config.model.members == 1
+                else ["members/"]
+            ),
         ],
     )
     return metrics
+
+
+def train_single_model(
+    config: PredictiveMaintenanceConfig,
+    windows: dict[str, EngineWindows],
+    num_features: int,
+    run_dir: Path,
+) -> tuple[keras.Model, dict[str, Any]]:
+    """Train one single (``members=1``) model into ``run_dir``; return it with its metrics."""
+    steps_per_epoch = config.train.steps_per_epoch or math.ceil(
+        len(windows[TRAIN]) / config.train.batch_size
+    )
+    model = build_compiled_model(config, num_features, steps_per_epoch)
+    logger.info("Model: %d parameters", model.count_params())
+    train_ds, validation_ds = make_datasets(config, windows)
+    metrics = train_model(
+        model,
+        train_ds,
+        validation_ds,
+        config.train,
+        run_dir,
+        monitor="val_loss",
+        mode="min",
+        num_train_samples=len(windows[TRAIN]),
+        verbose=2,
+    )
+    return model, metrics
+
+
+def train_ensemble(
+    config: PredictiveMaintenanceConfig,
+    windows: dict[str, EngineWindows],
+    num_features: int,
+    run_dir: Path,
+) -> tuple[keras.Model, dict[str, Any]]:
+    """Train ``model.members`` single models one after another and join them into one model."""
+    single = dataclasses.replace(config.model, members=1)
+    # NOTE: after a kill, train_model resumes the member in progress from its backup, but
+    # members that had finished train again from scratch.
+    members, member_metrics = [], []
+    for index in range(config.model.members):
+        seed = config.train.seed + index
+        set_seeds(seed)
+        member_config = dataclasses.replace(
+            config, model=single, train=dataclasses.replace(config.train, seed=seed)
+        )
+        member_dir = run_dir / "members" / f"member{index}"
+        member_dir.mkdir(parents=True, exist_ok=True)
+        logger.info(
+            "Training ensemble member %d of %d in %s", index + 1, config.model.members, member_dir
+        )
+        model, metrics = train_single_model(member_config, windows, num_features, member_dir)
+        members.append(model)
+        member_metrics.append(metrics)
+    ensemble = join_members(config, members, num_features)
+    ensemble.save(run_dir / "model.keras")
+    logger.info("Wrote %s", run_dir / "model.keras")
+    metrics = {
+        "members": member_metrics,
+        "train_seconds": round(sum(m["train_seconds"] for m in member_metrics), 2),
+        "parameters": int(ensemble.count_params()),
+    }
+    return ensemble, metrics
+
+
+def join_members(
+    config: PredictiveMaintenanceConfig, members: list[keras.Model], num_features: int
+) -> keras.Model:
+    """Build the averaging model and copy each trained member's weights into it."""
+    ensemble = build_rul_model(
+        config.model, num_features, config.data.window_length, config.data.rul_cap
+    )
+    for prefix, member in zip(list_member_prefixes(len(members)), members, strict=True):
+        for layer in member.layers:
+            if layer.weights:
+                ensemble.get_layer(f"{prefix}{layer.name}").set_weights(layer.get_weights())
+    # Compiled only so that model.keras keeps the loss; the ensemble itself is never fitted.
+    compile_rul_model(ensemble, config.train, config.data.rul_cap, total_steps=1)
+    return ensemble
 
 
 # ---------------------------------------------------------------------------
@@ -463,15 +545,27 @@ def predict(config: PredictiveMaintenanceConfig, context: CommandContext) -> dic
 
 
 def tune(config: PredictiveMaintenanceConfig, context: CommandContext) -> dict[str, Any]:
-    """Run the shared staged KerasTuner search; data is loaded and windowed once for all trials."""
+    """Run the shared staged KerasTuner search; data is loaded and windowed once for all trials.
+
+    Each trial trains one single model: with ``model.members`` above 1 the search tunes
+    one member, and ``train`` with the chosen settings trains the whole ensemble.
+    """
     preprocessor, windows, _ = prepare_training_data(config, context.data_dir, None)
     num_features = len(preprocessor.feature_names)
+    if config.model.members > 1:
+        logger.warning(
+            "model.members=%d: each tuning trial trains one member, not the ensemble.",
+            config.model.members,
+        )
 
     def build_model(trial_config: PredictiveMaintenanceConfig) -> keras.Model:
         steps = trial_config.train.steps_per_epoch or math.ceil(
             len(windows[TRAIN]) / trial_config.train.batch_size
         )
-        return build_compiled_model(trial_config, num_features, steps)
+        single = dataclasses.replace(trial_config.model, members=1)
+        return build_compiled_model(
+            dataclasses.replace(trial_config, model=single), num_features, steps
+        )
 
     def make_trial_datasets(trial_config: PredictiveMaintenanceConfig):
         return make_datasets(trial_config, windows)
@@ -572,7 +666,10 @@ def export(config: PredictiveMaintenanceConfig, context: CommandContext) -> dict
         lambda path: stream_windows(load_tflite_step_fn(path, STEP_SIGNATURE), zero_state, test),
         final_rul,
     )
-    return summarize_export(config, export_dir, window_entry, streaming_entry, test, zero_state)
+    summary = summarize_export(config, export_dir, window_entry, streaming_entry, test, zero_state)
+    summary["device_preprocessing"] = preprocessor.describe_device_steps()
+    write_export_report(export_dir, "device_preprocessing", summary["device_preprocessing"])
+    return summary
 
 
 def summarize_export(

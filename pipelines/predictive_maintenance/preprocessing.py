@@ -11,6 +11,11 @@ same transform:
 * Scaling: z-score or min-max per sensor, per condition when conditions are used.
 * The cycle number (the engine's age in cycles) is an extra input feature when
   ``data.cycle_feature`` is true, scaled like a sensor.
+* Smoothing: after scaling, each engine's sensors (not the cycle number) pass through a
+  causal exponential moving average, ``s_0 = x_0`` and ``s_t = a x_t + (1 - a) s_{t-1}``
+  with ``a = data.smoothing_alpha``. Nothing is fitted, and it reads only the engine's
+  own past. A device keeps one smoothed reading per engine and calls
+  `compute_smoothed_step` on each new scaled reading before the model.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ class SensorPreprocessor:
     conditions: OperatingConditions | None = None
     fit_units: int = 0
     cycle_feature: bool = False
+    smoothing_alpha: float = 1.0
 
     @property
     def feature_names(self) -> list[str]:
@@ -97,9 +103,15 @@ class SensorPreprocessor:
     def transform(self, table: EngineTable) -> np.ndarray:
         """Return float32 features ``(rows, len(feature_names))`` for every row of ``table``."""
         groups = None if self.conditions is None else self.conditions.assign(table.settings)
-        return self.normalizer.transform(
+        features = self.normalizer.transform(
             select_raw_features(table, self.kept_sensors, self.cycle_feature), groups
         )
+        if self.smoothing_alpha < 1.0:
+            sensors = len(self.kept_sensors)
+            features[:, :sensors] = compute_smoothed_features(
+                features[:, :sensors], table.unit_ids, self.smoothing_alpha
+            )
+        return features
 
     def to_dict(self) -> dict[str, Any]:
         """Return the fitted transform as a JSON-ready dict."""
@@ -117,13 +129,65 @@ class SensorPreprocessor:
             ],
             "fit_units": self.fit_units,
             "cycle_feature": self.cycle_feature,
+            "smoothing_alpha": self.smoothing_alpha,
             "operating_conditions": conditions,
             "normalizer": self.normalizer.to_dict(),
         }
 
+    def describe_device_steps(self) -> dict[str, Any]:
+        """Return what a device does to each raw reading before the model, for the export report."""
+        steps = [
+            f"keep the sensors {[SENSOR_NAMES[i] for i in self.kept_sensors]}",
+            "append the cycle number" if self.cycle_feature else "append nothing",
+            "scale with the statistics of the reading's operating condition"
+            if self.conditions is not None
+            else "scale with the saved statistics",
+        ]
+        if self.smoothing_alpha < 1.0:
+            steps.append(
+                f"smooth the scaled sensors (not the cycle) with s = {self.smoothing_alpha:g} * x "
+                f"+ {1.0 - self.smoothing_alpha:g} * s_previous, starting from the engine's first "
+                "reading; keep s per engine between readings"
+            )
+        return {"file": PREPROCESSING_FILE, "smoothing_alpha": self.smoothing_alpha, "steps": steps}
+
     def save(self, path: str | Path) -> Path:
         """Write the fitted transform as JSON atomically and return the path."""
         return write_json(path, self.to_dict())
+
+
+def compute_smoothed_step(
+    previous: np.ndarray | None, reading: np.ndarray, alpha: float
+) -> np.ndarray:
+    """Return the next smoothed reading of one engine: the reading itself when it is the first.
+
+    Args:
+        previous: the engine's smoothed previous reading, or None at its first reading.
+        reading: the new scaled sensor values.
+        alpha: weight of the new reading, in (0, 1].
+    """
+    reading = np.asarray(reading, dtype=np.float64)
+    if previous is None:
+        return reading
+    return alpha * reading + (1.0 - alpha) * np.asarray(previous, dtype=np.float64)
+
+
+def compute_smoothed_features(
+    features: np.ndarray, unit_ids: np.ndarray, alpha: float
+) -> np.ndarray:
+    """Return the causal exponential moving average of ``features`` ``(rows, n)`` within each unit.
+
+    Rows of a unit are contiguous and in time order; the average restarts at each unit's
+    first row, so no unit's readings reach another unit.
+    """
+    smoothed = np.empty(features.shape, dtype=np.float64)
+    previous = None
+    for row in range(len(features)):
+        if row == 0 or unit_ids[row] != unit_ids[row - 1]:
+            previous = None
+        previous = compute_smoothed_step(previous, features[row], alpha)
+        smoothed[row] = previous
+    return smoothed.astype(features.dtype)
 
 
 def select_raw_features(
@@ -164,6 +228,7 @@ def load_preprocessor(path: str | Path) -> SensorPreprocessor:
         conditions=conditions,
         fit_units=int(data["fit_units"]),
         cycle_feature=bool(data["cycle_feature"]),
+        smoothing_alpha=float(data.get("smoothing_alpha", 1.0)),
     )
 
 
@@ -209,6 +274,7 @@ def fit_preprocessor(
         conditions,
         train_table.num_units,
         config.cycle_feature,
+        config.smoothing_alpha,
     )
     raw = select_raw_features(train_table, kept, config.cycle_feature)
     preprocessor.normalizer.fit(raw, groups, preprocessor.feature_names)

@@ -32,10 +32,11 @@ pytestmark = pytest.mark.slow
 WINDOW_LENGTH, FEATURES, CAP = 8, 4, 125.0
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """Export a small 2-layer LSTM with random weights to float32 window and streaming TFLite models."""
-    config = ModelConfig(units=6, layers=2, dropout=0.0, head_units=4, head_dropout=0.0)
+def export_random_model(export_dir, members):
+    """Export a random 2-layer LSTM (an ensemble when ``members`` > 1) to float32 TFLite."""
+    config = ModelConfig(
+        units=6, layers=2, dropout=0.0, head_units=4, head_dropout=0.0, members=members
+    )
     model = build_rul_model(config, FEATURES, WINDOW_LENGTH, CAP)
     rng = np.random.default_rng(7)
     model.set_weights([rng.normal(0, 0.4, w.shape).astype(np.float32) for w in model.get_weights()])
@@ -44,7 +45,6 @@ def exported(tmp_path_factory):
 
     features = rng.normal(size=(30, FEATURES)).astype(np.float32)
     windows = make_last_engine_windows(features, np.repeat([1, 2, 3], [12, 5, 13]), WINDOW_LENGTH)
-    export_dir = tmp_path_factory.mktemp("export")
     export_config = ExportConfig(tflite_variants=("float32",), parity_samples=8, latency_runs=2)
 
     window_parity = (
@@ -67,6 +67,18 @@ def exported(tmp_path_factory):
         None,
     )
     return export_dir, window_model, streaming_model, windows
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A single 2-layer LSTM exported to float32 window and streaming TFLite models."""
+    return export_random_model(tmp_path_factory.mktemp("export"), members=1)
+
+
+@pytest.fixture(scope="module")
+def exported_ensemble(tmp_path_factory):
+    """An ensemble of two 2-layer LSTMs exported to float32 window and streaming TFLite models."""
+    return export_random_model(tmp_path_factory.mktemp("export_ensemble"), members=2)
 
 
 def test_float32_variants_pass(exported):
@@ -98,8 +110,8 @@ def test_streaming_signature_names(exported):
     ]
 
 
-@pytest.mark.parametrize("engine", [0, 1])  # a full window, and an engine shorter than the window
-def test_streaming_tflite_equals_window(exported, engine):
+def check_streaming_tflite(exported, engine):
+    """Assert that the streaming TFLite model matches the window models at each reading."""
     export_dir, window_model, streaming_model, windows = exported
     length = windows.lengths[engine]
     readings = windows.readings[engine, :length]
@@ -114,6 +126,24 @@ def test_streaming_tflite_equals_window(exported, engine):
     np.testing.assert_allclose(streamed, window_tflite, atol=1e-4)
     np.testing.assert_allclose(streamed, window_keras, atol=1e-4)
     assert np.ptp(streamed) > 1.0
+
+
+@pytest.mark.parametrize("engine", [0, 1])  # a full window, and an engine shorter than the window
+def test_streaming_tflite_equals_window(exported, engine):
+    check_streaming_tflite(exported, engine)
+
+
+@pytest.mark.parametrize("engine", [0, 1])
+def test_ensemble_streaming_tflite_equals_window(exported_ensemble, engine):
+    check_streaming_tflite(exported_ensemble, engine)
+
+
+def test_ensemble_streaming_has_eight_states(exported_ensemble):
+    from ai_edge_litert.interpreter import Interpreter
+
+    path = exported_ensemble[0] / "streaming_float32.tflite"
+    signature = Interpreter(model_path=str(path)).get_signature_list()[STEP_SIGNATURE]
+    assert len(signature["inputs"]) == 9  # the reading and 2 members x 2 layers x (h, c)
 
 
 def test_export_command_reports_rmse(tmp_path, cmapss_writer):
@@ -146,3 +176,22 @@ def test_export_command_reports_rmse(tmp_path, cmapss_writer):
         for variant in ("float32", "float16"):
             assert np.isfinite(report[name]["variants"][variant]["test_rmse"])
     assert "FlexTensorListReserve" not in report[WINDOW]["variants"]["float32"]["ops"]
+
+
+def test_ensemble_train_and_export(tmp_path, cmapss_writer):
+    data_dir = cmapss_writer(tmp_path)
+    run_dir = tmp_path / "run"
+    common = ["--data-dir", str(data_dir), "--run-dir", str(run_dir)]
+    settings = ["--set", "model.members=2", "--set", "data.smoothing_alpha=0.3"]
+    train_argv = ["train", "--preset", "tiny", *common, *settings]
+    stdout = io.StringIO()
+    code = run_cli("predictive_maintenance", PRESETS, COMMANDS, argv=train_argv, stdout=stdout)
+    assert code == 0
+    metrics = json.loads(stdout.getvalue())
+    assert len(metrics["members"]) == 2
+    assert (run_dir / "members" / "member1" / "model.keras").is_file()
+    stdout = io.StringIO()
+    export_argv = ["export", *common, "--variants", "float32"]
+    code = run_cli("predictive_maintenance", PRESETS, COMMANDS, argv=export_argv, stdout=stdout)
+    assert code == 0
+    assert json.loads(stdout.getvalue())["streaming_vs_window_max_abs_diff"] <= 1e-4

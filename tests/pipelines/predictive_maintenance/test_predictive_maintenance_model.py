@@ -18,9 +18,15 @@ from shared.errors import ConfigError
 WINDOW, FEATURES, CAP = 6, 3, 125.0
 
 
-def build_model(cell="lstm", layers=2, head_units=4):
+def build_model(cell="lstm", layers=2, head_units=4, members=1):
     config = ModelConfig(
-        cell=cell, units=5, layers=layers, dropout=0.0, head_units=head_units, head_dropout=0.0
+        cell=cell,
+        units=5,
+        layers=layers,
+        dropout=0.0,
+        head_units=head_units,
+        head_dropout=0.0,
+        members=members,
     )
     model = build_rul_model(config, FEATURES, WINDOW, CAP)
     # Larger random weights than the initializers' so that outputs differ clearly between steps.
@@ -89,6 +95,50 @@ def test_streaming_without_head_hidden():
     )
     windowed = model.predict(make_prefix_inputs(readings, WINDOW), verbose=0).reshape(-1)
     np.testing.assert_allclose(streamed, windowed, atol=1e-4)
+
+
+def test_ensemble_is_mean_of_members():
+    model, _ = build_model(members=3)
+    inputs = make_prefix_inputs(np.ones((4, FEATURES), dtype=np.float32), WINDOW)
+    fractions = [
+        keras.Model(model.input, model.get_layer(f"member{k}_rul_fraction").output).predict(
+            inputs, verbose=0
+        )
+        for k in range(3)
+    ]
+    expected = CAP * np.mean(fractions, axis=0)
+    np.testing.assert_allclose(model.predict(inputs, verbose=0), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_ensemble_streaming_equals_window(cell):
+    model, _ = build_model(cell, members=2)
+    streaming = build_streaming_model(model)
+    readings = np.random.default_rng(2).normal(size=(WINDOW, FEATURES)).astype(np.float32)
+    _, streamed = stream_readings(
+        lambda feed: streaming(feed, training=False), make_zero_state(streaming), readings
+    )
+    windowed = model.predict(make_prefix_inputs(readings, WINDOW), verbose=0).reshape(-1)
+    np.testing.assert_allclose(streamed, windowed, atol=1e-4)
+    assert np.ptp(streamed) > 1.0
+
+
+def test_ensemble_state_names():
+    model, _ = build_model("gru", layers=2, members=2)
+    streaming = build_streaming_model(model)
+    expected = ["reading", "state_0_h", "state_1_h", "state_2_h", "state_3_h"]
+    assert sorted(streaming.input) == expected
+
+
+def test_ensemble_member_state_is_its_own():
+    model, _ = build_model("gru", layers=1, members=2)
+    streaming = build_streaming_model(model)
+    state = make_zero_state(streaming)
+    feed = {"reading": np.ones((1, FEATURES), dtype=np.float32), **state}
+    changed = {**feed, "state_1_h": np.full((1, 5), 0.5, dtype=np.float32)}
+    first = streaming(feed, training=False)
+    second = streaming(changed, training=False)
+    np.testing.assert_allclose(first["state_0_h"], second["state_0_h"], atol=1e-6)
 
 
 def test_window_export_copy_batch_one():

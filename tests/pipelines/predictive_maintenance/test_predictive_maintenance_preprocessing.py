@@ -9,6 +9,8 @@ from pipelines.predictive_maintenance.config import PRESETS, DataConfig
 from pipelines.predictive_maintenance.data import EngineTable, load_train_table
 from pipelines.predictive_maintenance.pipeline import prepare_training_data
 from pipelines.predictive_maintenance.preprocessing import (
+    compute_smoothed_features,
+    compute_smoothed_step,
     fit_operating_conditions,
     fit_preprocessor,
     load_preprocessor,
@@ -155,3 +157,45 @@ def test_preprocessor_round_trip(tmp_path):
 def test_missing_preprocessor(tmp_path):
     with pytest.raises(DataError, match="train a model"):
         load_preprocessor(tmp_path / "p.json")
+
+
+def test_smoothing_by_hand():
+    features = np.array([[1.0], [3.0], [5.0], [10.0], [20.0]], dtype=np.float32)
+    smoothed = compute_smoothed_features(features, np.array([1, 1, 1, 2, 2]), 0.5)
+    # 1, 0.5*3+0.5*1, 0.5*5+0.5*2, then unit 2 restarts: 10, 0.5*20+0.5*10.
+    np.testing.assert_allclose(smoothed.ravel(), [1.0, 2.0, 3.5, 10.0, 15.0])
+
+
+def test_smoothing_step_matches_table():
+    table, _ = make_condition_table()
+    preprocessor = fit_preprocessor(table, DataConfig(smoothing_alpha=0.3))
+    plain = fit_preprocessor(table, DataConfig())
+    sensors = len(preprocessor.kept_sensors)
+    rows = table.unit_ids == 1
+    previous = None
+    streamed = []
+    for reading in plain.transform(table)[rows, :sensors]:
+        previous = compute_smoothed_step(previous, reading, 0.3)
+        streamed.append(previous)
+    np.testing.assert_allclose(
+        preprocessor.transform(table)[rows, :sensors], np.array(streamed), atol=1e-5
+    )
+
+
+def test_smoothing_leaves_cycle():
+    table, _ = make_condition_table()
+    smoothed = fit_preprocessor(table, DataConfig(smoothing_alpha=0.2)).transform(table)
+    plain = fit_preprocessor(table, DataConfig()).transform(table)
+    np.testing.assert_array_equal(smoothed[:, -1], plain[:, -1])
+
+
+def test_smoothing_alpha_saved(tmp_path):
+    table, _ = make_condition_table()
+    preprocessor = fit_preprocessor(table, DataConfig(smoothing_alpha=0.2))
+    loaded = load_preprocessor(preprocessor.save(tmp_path / "p.json"))
+    np.testing.assert_allclose(loaded.transform(table), preprocessor.transform(table), atol=1e-6)
+
+
+def test_smoothing_alpha_zero_rejected():
+    with pytest.raises(ValueError, match="smoothing_alpha"):
+        DataConfig(smoothing_alpha=0.0)
