@@ -33,6 +33,7 @@ from shared.config import (
     select_preset,
 )
 from shared.datafiles import resolve_data_dir
+from shared.distributed import STRATEGIES, TUNING_ROLES, read_tf_config, resolve_worker_run_dir
 from shared.errors import ConfigError, DataError, ExportError
 from shared.runs import default_run_dir
 
@@ -74,7 +75,10 @@ def build_parser(pipeline: str, presets: Mapping[str, Any], description: str | N
 
     parser = argparse.ArgumentParser(prog=f"python -m pipelines.{pipeline}", description=description)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("train", parents=[common], help="train a model and save it in the run directory")
+    train = commands.add_parser("train", parents=[common], help="train a model and save it in the run directory")
+    train.add_argument("--strategy", choices=STRATEGIES, default="default",
+                       help="tf.distribute strategy: default (one device), mirrored (all local GPUs) or "
+                            "multi-worker (the machines listed in $TF_CONFIG); train.batch_size is global")
 
     evaluate = commands.add_parser("evaluate", parents=[common], help="score the trained model on a split")
     evaluate.add_argument("--split", help="split to evaluate (default: the dataset's standard test split)")
@@ -91,6 +95,23 @@ def build_parser(pipeline: str, presets: Mapping[str, Any], description: str | N
     tune.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop starting trials after this")
     tune.add_argument("--stage", choices=("all", *SEARCH_STAGES), default="all",
                       help="run one search stage alone, or all in order")
+    tune.add_argument("--max-size-kb", type=float, metavar="KB",
+                      help="edge objective: penalize trials whose float32 TFLite model exceeds this size")
+    tune.add_argument("--max-latency-ms", type=float, metavar="MS",
+                      help="edge objective: penalize trials whose TFLite call takes longer than this")
+    tune.add_argument("--keep-checkpoints", type=int, metavar="N",
+                      help="keep the model checkpoints of the best N trials only (default 3)")
+    tune.add_argument("--trials-per-process", type=int, metavar="N",
+                      help="run the trials in child processes of N trials each, so that memory stays flat "
+                           "(TensorFlow keeps about 10 MiB per trained model); default: all in this process")
+    tune.add_argument("--role", choices=TUNING_ROLES,
+                      help="distributed search: the chief serves the oracle, workers run trials (default: "
+                           "from $KERASTUNER_TUNER_ID and $KERASTUNER_ORACLE_IP when set, else standalone)")
+    tune.add_argument("--oracle", metavar="HOST:PORT",
+                      help="address of the chief's oracle (required with --role chief or worker)")
+    tune.add_argument("--worker-id", metavar="NAME",
+                      help="name of this worker, unique in the search and required with --role worker (default: "
+                           "$KERASTUNER_TUNER_ID); a restarted worker reusing its name resumes its unfinished trial")
 
     export = commands.add_parser("export", parents=[common], help="export SavedModel and TFLite models")
     export.add_argument("--variants", help=f"comma-separated TFLite variants from {','.join(TFLITE_VARIANTS)}")
@@ -151,6 +172,7 @@ def run_cli(
     stdout = stdout or sys.stdout
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(pipeline, args.preset)
     try:
+        run_dir = resolve_strategy_run_dir(args, run_dir)
         config = resolve_command_config(args, presets, run_dir)
         if args.command == "train":
             check_resume_config(config, run_dir)
@@ -166,13 +188,38 @@ def run_cli(
     return dispatch(commands, config, context)
 
 
-def dispatch(commands: Mapping[str, CommandFn], config: Any, context: CommandContext) -> int:
-    """Run the command and print its result as JSON; map errors to exit codes."""
-    from shared.training import set_seeds  # Imported late: it loads TensorFlow.
+def resolve_strategy_run_dir(args: argparse.Namespace, run_dir: Path) -> Path:
+    """Return the run directory of this process: a worker's own folder when it is not the chief.
 
+    Raises:
+        ConfigError: ``--strategy multi-worker`` with an invalid ``TF_CONFIG``.
+    """
+    if getattr(args, "strategy", "default") != "multi-worker":
+        return run_dir
+    worker_dir = resolve_worker_run_dir(run_dir, read_tf_config())
+    if worker_dir != run_dir:
+        logger.info("This worker is not the chief; it writes into %s", worker_dir)
+    return worker_dir
+
+
+def dispatch(commands: Mapping[str, CommandFn], config: Any, context: CommandContext) -> int:
+    """Run the command and print its result as JSON; map errors to exit codes.
+
+    With ``--strategy``, the strategy is created first (before any TensorFlow op, as
+    MultiWorkerMirroredStrategy requires) and the command runs inside its scope.
+    """
+    from shared.distributed import build_strategy  # Imported late: they load TensorFlow.
+    from shared.training import set_seeds
+
+    try:
+        strategy = build_strategy(getattr(context.args, "strategy", "default"))
+    except ConfigError as error:
+        logger.error("%s", error)
+        return EXIT_USAGE
     set_seeds(config.train.seed)
     try:
-        result = commands[context.command](config, context)
+        with strategy.scope():
+            result = commands[context.command](config, context)
     except ConfigError as error:
         logger.error("%s", error)
         return EXIT_USAGE

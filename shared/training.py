@@ -4,6 +4,10 @@
 BackupAndRestore (a killed run resumes from its last backup when the same command is run
 again with the same run directory), TensorBoard, CSVLogger and TerminateOnNaN, then
 writes ``model.keras`` (best weights), ``metrics.json`` and ``learning_curves.png``.
+
+Under a MultiWorkerMirroredStrategy scope (``train --strategy multi-worker``), where
+``Model.fit`` fails in Keras 3, `train_model` runs `shared.distributed.train_custom_loop`
+instead, which writes the same files; ``extra_callbacks`` are not run there.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from shared.config import TrainConfig
+from shared.distributed import needs_custom_loop, train_custom_loop
 from shared.reports import plot_learning_curves
 from shared.runs import write_json
 
@@ -149,8 +155,47 @@ def train_model(
     if validation_data is None and monitor.startswith("val_"):
         monitor = monitor[len("val_"):]
     warn_if_small_dataset(model, num_train_samples)
-    callbacks = build_callbacks(config, run_dir, monitor, mode) + list(extra_callbacks or [])
     started = time.monotonic()
+    strategy = tf.distribute.get_strategy()
+    if needs_custom_loop(strategy):
+        if extra_callbacks:
+            logger.warning(
+                "The multi-worker training loop does not run extra callbacks %s; they are skipped.",
+                [type(callback).__name__ for callback in extra_callbacks],
+            )
+        history = train_custom_loop(
+            model, train_data, validation_data, config, run_dir, strategy=strategy, monitor=monitor, mode=mode
+        )
+    else:
+        history = fit_with_callbacks(
+            model, train_data, validation_data, config, run_dir, monitor, mode, extra_callbacks, verbose
+        )
+    seconds = time.monotonic() - started
+    model_path = run_dir / "model.keras"
+    model.save(model_path)
+    logger.info("Saved model to %s", model_path)
+    metrics = summarize_history(history, monitor, mode)
+    metrics.update({"train_seconds": round(seconds, 2), "parameters": int(model.count_params())})
+    write_json(run_dir / "metrics.json", metrics)
+    logger.info("Wrote %s", run_dir / "metrics.json")
+    if (run_dir / "history.csv").is_file():
+        plot_learning_curves(run_dir / "history.csv", run_dir / "learning_curves.png")
+    return metrics
+
+
+def fit_with_callbacks(
+    model: keras.Model,
+    train_data,
+    validation_data,
+    config: TrainConfig,
+    run_dir: Path,
+    monitor: str,
+    mode: str,
+    extra_callbacks: list[keras.callbacks.Callback] | None,
+    verbose: str | int,
+) -> dict[str, list[float]]:
+    """Run ``model.fit`` with the standard callbacks; return the history dict."""
+    callbacks = build_callbacks(config, run_dir, monitor, mode) + list(extra_callbacks or [])
     history = model.fit(
         train_data,
         validation_data=validation_data,
@@ -161,17 +206,7 @@ def train_model(
         shuffle=False,  # tf.data pipelines shuffle themselves.
         verbose=verbose,
     )
-    seconds = time.monotonic() - started
-    model_path = run_dir / "model.keras"
-    model.save(model_path)
-    logger.info("Saved model to %s", model_path)
-    metrics = summarize_history(history.history, monitor, mode)
-    metrics.update({"train_seconds": round(seconds, 2), "parameters": int(model.count_params())})
-    write_json(run_dir / "metrics.json", metrics)
-    logger.info("Wrote %s", run_dir / "metrics.json")
-    if (run_dir / "history.csv").is_file():
-        plot_learning_curves(run_dir / "history.csv", run_dir / "learning_curves.png")
-    return metrics
+    return history.history
 
 
 def summarize_history(history: dict[str, list[float]], monitor: str, mode: str) -> dict[str, Any]:

@@ -22,13 +22,37 @@ Conventions:
 - ``make_datasets(config)`` is called for every trial execution because the batch size may
   be a hyperparameter. Pipelines read and preprocess their data once, in the closure they
   pass, and only batch it in ``make_datasets``.
+- A trial's result is the epoch with the best objective value: its metrics, the
+  model's parameter count and the training seconds are reported to the oracle, so a
+  chief records them for trials that its workers ran.
+- Edge-aware objective (``--max-size-kb``, ``--max-latency-ms``): after training, the
+  pipeline's ``build_export_model(config, model)`` returns a fixed-shape copy (batch 1)
+  that is exported to a float32 TFLite model in the trial's folder and timed with the
+  stock runtime. A trial over a limit is infeasible: the oracle receives the penalized value
+  ``value + (|value| + 1) * (1 + excess)`` (minus for "max" objectives), where
+  ``excess = max(measured / limit - 1)`` over the limits exceeded, and ``best.yaml``
+  and the incumbent come from feasible trials only.
+- Checkpoints: each trial's ``checkpoint.weights.h5`` is kept only for the best
+  ``--keep-checkpoints`` trials of the run (default 3). Hyperband continues training
+  from earlier trials' checkpoints, so its stages are pruned when they end.
+- Distributed search (``--role chief|worker --oracle HOST:PORT``) runs one stage per
+  command: the chief serves the stage's oracle and declares the values fixed by earlier
+  stages as ``hp.Fixed``, so workers need no copy of the chief's run directory. Workers
+  write into ``<run_dir>/workers/<worker id>/``; the chief writes the run's outputs.
+- Trial processes (``--trials-per-process N``): TensorFlow keeps about 10 MiB per trained
+  model after ``clear_session``, so a long search can run its trials in child processes
+  of N trials each. The command then serves each stage's oracle on 127.0.0.1 as a chief,
+  and the children are the same command run as workers.
 - Outputs in the run directory: ``trials.csv`` (one row per trial of every stage),
   ``best.yaml`` (the full config with the incumbent's values, usable with
-  ``train --config best.yaml``) and the returned summary.
+  ``train --config best.yaml``), ``objective_per_trial.png``,
+  ``objective_per_hyperparameter.png``, TensorBoard logs with the HParams dashboard in
+  ``logs/tuning/<stage>/`` and the returned summary.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import csv
 import dataclasses
@@ -36,7 +60,12 @@ import io
 import json
 import logging
 import math
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import threading
 import time
 import typing
 from collections.abc import Callable, Mapping
@@ -45,9 +74,16 @@ from typing import TYPE_CHECKING, Any
 
 import keras
 import keras_tuner
+import numpy as np
 
-from shared.config import TuneConfig, closest_name, coerce_value, save_config
-from shared.errors import ConfigError
+from shared.config import TuneConfig, check_range, closest_name, coerce_value, save_config
+from shared.distributed import (
+    ORACLE_IP_ENV,
+    ORACLE_PORT_ENV,
+    configure_tuning_role,
+    pick_free_port,
+)
+from shared.errors import ConfigError, ExportError
 from shared.runs import read_json, write_json, write_text_atomic
 
 if TYPE_CHECKING:
@@ -63,8 +99,28 @@ TRIALS_CSV = "trials.csv"
 BEST_CONFIG = "best.yaml"
 COMPLETED = keras_tuner.engine.trial.TrialStatus.COMPLETED
 
+WORKERS_DIR = "workers"
+TENSORBOARD_DIR = Path("logs") / "tuning"
+CHECKPOINT_FILE = "checkpoint.weights.h5"
+EDGE_DIR = "edge"
+DEFAULT_KEEP_CHECKPOINTS = 3
+# Extra values each trial reports to the oracle next to its metrics.
+PARAMETERS_METRIC = "parameters"
+SECONDS_METRIC = "fit_seconds"
+SIZE_METRIC = "size_kb"
+LATENCY_METRIC = "latency_ms"
+UNPENALIZED_METRIC = "unpenalized_objective"
+# Test-only fault injection: with this variable set to N, the process SIGKILLs itself
+# during the first batch of the N-th trial it runs, so tests can resume a killed search.
+KILL_AT_TRIAL_ENV = "PIPELINES_TUNING_KILL_AT_TRIAL"
+TRIAL_PROCESS_ID = "trial-process"
+TRIAL_PROCESS_FAILURES = 3  # Consecutive failed trial processes that end the search.
+EDGE_LATENCY_RUNS = 20
+EDGE_CONVERTER_TIMEOUT_S = 300.0
+
 BuildModelFn = Callable[[Any], keras.Model]
 MakeDatasetsFn = Callable[[Any], tuple[Any, Any]]
+BuildExportModelFn = Callable[[Any, keras.Model], keras.Model]
 
 
 class TrialConfigError(ConfigError, keras_tuner.errors.FatalError):
@@ -73,6 +129,10 @@ class TrialConfigError(ConfigError, keras_tuner.errors.FatalError):
 
 class TimeBudgetReached(Exception):  # noqa: N818 - a stop signal that never reaches the user.
     """Raised before a new trial is created once the time budget is spent; ends the search."""
+
+
+class TrialQuotaReached(Exception):  # noqa: N818 - a stop signal that never reaches the user.
+    """Raised by a trial process before its next trial once it has run its quota of trials."""
 
 
 @dataclasses.dataclass
@@ -297,8 +357,85 @@ def check_objective(
 # KerasTuner integration: the hypermodel and tuners with a time budget and trial records.
 
 
+@dataclasses.dataclass(frozen=True)
+class EdgeLimits:
+    """Limits of the edge-aware objective; None turns a limit off."""
+
+    max_size_kb: float | None = None
+    max_latency_ms: float | None = None
+
+    @property
+    def active(self) -> bool:
+        """True when at least one limit is set."""
+        return self.max_size_kb is not None or self.max_latency_ms is not None
+
+    def compute_excess(self, size_kb: float, latency_ms: float) -> float:
+        """Return the largest relative overrun ``measured / limit - 1`` (<= 0: within limits)."""
+        overruns = []
+        if self.max_size_kb is not None:
+            overruns.append(size_kb / self.max_size_kb - 1.0)
+        if self.max_latency_ms is not None:
+            overruns.append(latency_ms / self.max_latency_ms - 1.0)
+        return max(overruns, default=-1.0)
+
+
+def compute_penalized_value(value: float, excess: float, direction: str) -> float:
+    """Return ``value`` made worse by ``(|value| + 1) * (1 + excess)`` when ``excess > 0``."""
+    if excess <= 0:
+        return value
+    penalty = (abs(value) + 1.0) * (1.0 + excess)
+    return value + penalty if direction == "min" else value - penalty
+
+
+def measure_edge_model(export_model: keras.Model, work_dir: Path) -> dict[str, float]:
+    """Export ``export_model`` to float32 TFLite in ``work_dir``; return its size and latency.
+
+    Raises:
+        ExportError: the model does not convert to built-in ops, or the converter failed.
+    """
+    from shared.export import (  # Imported late: only the edge objective needs the converter.
+        convert_saved_model,
+        export_saved_model,
+        make_model_endpoint,
+        measure_latency_ms,
+    )
+
+    endpoint = make_model_endpoint(export_model)
+    saved_model = export_saved_model(work_dir / "saved_model", {"serve": endpoint}, [export_model])
+    tflite_path = convert_saved_model(
+        saved_model,
+        "serve",
+        "float32",
+        work_dir / "model_float32.tflite",
+        timeout_s=EDGE_CONVERTER_TIMEOUT_S,
+    )
+    inputs = {
+        name: np.zeros(tuple(spec.shape), spec.dtype.as_numpy_dtype)
+        for name, spec in endpoint[1].items()
+    }
+    latency_ms = measure_latency_ms(tflite_path, "serve", inputs, EDGE_LATENCY_RUNS)
+    shutil.rmtree(saved_model, ignore_errors=True)  # The .tflite file is what a reader inspects.
+    return {SIZE_METRIC: tflite_path.stat().st_size / 1024.0, LATENCY_METRIC: latency_ms}
+
+
+def select_best_epoch(
+    history: Mapping[str, list[float]], objective: str, direction: str
+) -> dict[str, float]:
+    """Return every metric at the epoch with the best finite ``objective`` value."""
+    values = np.asarray(history[objective], dtype=float)
+    worst = np.inf if direction == "min" else -np.inf
+    scores = np.where(np.isfinite(values), values, worst)
+    epoch = int(np.argmin(scores) if direction == "min" else np.argmax(scores))
+    return {name: float(series[epoch]) for name, series in history.items() if len(series) > epoch}
+
+
 class ConfigHyperModel(keras_tuner.HyperModel):
-    """Builds and fits the pipeline's model from a config with one stage's sampled values."""
+    """Builds and fits the pipeline's model from a config with one stage's sampled values.
+
+    ``fit`` returns the metrics of the best epoch plus the parameter count, the training
+    seconds and, with edge limits, the TFLite size and latency. KerasTuner sends them to
+    the oracle, so a chief records them for trials that its workers ran.
+    """
 
     def __init__(
         self,
@@ -307,6 +444,11 @@ class ConfigHyperModel(keras_tuner.HyperModel):
         fields: Mapping[str, str],
         build_model: BuildModelFn,
         make_datasets: MakeDatasetsFn,
+        *,
+        objective: keras_tuner.Objective | None = None,
+        fixed: Mapping[str, Any] | None = None,
+        edge_limits: EdgeLimits = EdgeLimits(),
+        build_export_model: BuildExportModelFn | None = None,
     ) -> None:
         super().__init__(name="config_hypermodel")
         self.base_config = base_config
@@ -314,13 +456,22 @@ class ConfigHyperModel(keras_tuner.HyperModel):
         self.fields = dict(fields)
         self.build_model = build_model
         self.make_datasets = make_datasets
+        self.objective = objective
+        self.fixed = dict(fixed or {})  # Declared as hp.Fixed, for distributed workers.
+        self.edge_limits = edge_limits
+        self.build_export_model = build_export_model
         self.parameter_count: int | None = None
+        self.trial_dir: Path | None = None
 
     def trial_config(self, hp: keras_tuner.HyperParameters) -> Any:
         """Return the base config with this trial's values; an invalid one stops the search."""
         values = {
             name: declare_hyperparameter(hp, name, spec) for name, spec in self.search_space.items()
         }
+        for name, value in self.fixed.items():
+            values[name] = hp.Fixed(name, value)
+        # A worker's hp carries the chief's fixed values even when its own are unknown.
+        values.update({n: v for n, v in hp.values.items() if n in self.fields and n not in values})
         try:
             return apply_hyperparameters(self.base_config, self.fields, values)
         except ConfigError as error:
@@ -338,6 +489,7 @@ class ConfigHyperModel(keras_tuner.HyperModel):
         """Train on the trial's datasets; KerasTuner passes epochs and callbacks in ``kwargs``."""
         config = self.trial_config(hp)
         train_data, validation_data = self.make_datasets(config)
+        started = time.monotonic()
         history = model.fit(
             train_data,
             *args,
@@ -347,24 +499,79 @@ class ConfigHyperModel(keras_tuner.HyperModel):
             shuffle=False,  # tf.data pipelines shuffle themselves.
             **kwargs,
         )
+        seconds = time.monotonic() - started
         self.parameter_count = int(model.count_params())
-        return history
+        if self.objective is None:
+            return history
+        results = select_best_epoch(history.history, self.objective.name, self.objective.direction)
+        results.update({PARAMETERS_METRIC: self.parameter_count, SECONDS_METRIC: seconds})
+        if self.edge_limits.active:
+            results.update(self.measure_edge(config, model, results[self.objective.name]))
+        return results
+
+    def measure_edge(self, config: Any, model: keras.Model, value: float) -> dict[str, float]:
+        """Export the trial's model, and return its size, latency and penalized objective.
+
+        Raises:
+            keras_tuner.errors.FailedTrialError: the model does not export to TFLite.
+        """
+        work_dir = Path(self.trial_dir or ".") / EDGE_DIR
+        try:
+            measured = measure_edge_model(self.build_export_model(config, model), work_dir)
+        except ExportError as error:
+            raise keras_tuner.errors.FailedTrialError(
+                f"the trial's model did not export to TFLite for the edge objective: {error}"
+            ) from error
+        excess = self.edge_limits.compute_excess(measured[SIZE_METRIC], measured[LATENCY_METRIC])
+        logger.info(
+            "Edge check: %.1f KB, %.3f ms per call (limits %s KB, %s ms)%s",
+            measured[SIZE_METRIC],
+            measured[LATENCY_METRIC],
+            self.edge_limits.max_size_kb,
+            self.edge_limits.max_latency_ms,
+            "" if excess <= 0 else f"; over the limit by {excess:.0%}, objective penalized",
+        )
+        penalized = compute_penalized_value(value, excess, self.objective.direction)
+        return {**measured, UNPENALIZED_METRIC: value, self.objective.name: penalized}
+
+
+class KillAtFirstBatch(keras.callbacks.Callback):
+    """Test-only: SIGKILLs the process at the end of the first training batch."""
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        logger.warning("%s is set: killing this process during a trial.", KILL_AT_TRIAL_ENV)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class StageTunerMixin:
-    """Adds to a KerasTuner tuner: the time budget, and a record of each finished trial."""
+    """Adds to a KerasTuner tuner: the time budget, trial records and the test kill switch."""
 
     budget: TimeBudget | None = None
     recorder: StageRecorder | None = None
+    after_trial: Callable[[], None] | None = None
+    trial_quota: int | None = None  # Trials this process may run (trial processes only).
+    trials_started = 0  # Trials this process started, for KILL_AT_TRIAL_ENV and the quota.
 
     def pre_create_trial(self) -> None:
-        """Stop before the next trial is created once the time budget is spent."""
+        """Stop before the next trial once the time budget or this process's quota is spent."""
         if self.budget is not None and self.budget.expired():
             raise TimeBudgetReached()
+        if self.trial_quota is not None and StageTunerMixin.trials_started >= self.trial_quota:
+            raise TrialQuotaReached()
 
     def on_trial_begin(self, trial) -> None:
         super().on_trial_begin(trial)
         self._trial_started = time.monotonic()
+
+    def run_trial(self, trial, *args, **kwargs):
+        """Pass the trial's folder to the hypermodel; add the kill switch for tests."""
+        StageTunerMixin.trials_started += 1
+        if isinstance(self.hypermodel, ConfigHyperModel):
+            self.hypermodel.trial_dir = Path(self.get_trial_dir(trial.trial_id))
+        kill_at = os.environ.get(KILL_AT_TRIAL_ENV)
+        if kill_at and StageTunerMixin.trials_started == int(kill_at):
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), KillAtFirstBatch()]
+        return super().run_trial(trial, *args, **kwargs)
 
     def on_trial_end(self, trial) -> None:
         super().on_trial_end(trial)
@@ -372,6 +579,8 @@ class StageTunerMixin:
             duration = time.monotonic() - self._trial_started
             oracle_trial = self.oracle.get_trial(trial.trial_id)
             self.recorder.record(oracle_trial, duration, self.hypermodel.parameter_count)
+        if self.after_trial is not None:
+            self.after_trial()
 
 
 class RandomStageTuner(StageTunerMixin, keras_tuner.RandomSearch):
@@ -428,8 +637,16 @@ def build_tuner(
 
 
 def best_record(records: list[dict[str, Any]], direction: str) -> dict[str, Any] | None:
-    """Return the completed record with the best finite value, or None."""
-    completed = [r for r in records if r["status"] == COMPLETED and _is_finite(r["value"])]
+    """Return the feasible completed record with the best finite value, or None.
+
+    A record is infeasible when the edge objective found it over a limit
+    (``feasible`` is False); records without an edge check count as feasible.
+    """
+    completed = [
+        r
+        for r in records
+        if r["status"] == COMPLETED and _is_finite(r["value"]) and r.get("feasible") is not False
+    ]
     if not completed:
         return None
     pick = min if direction == "min" else max
@@ -438,6 +655,13 @@ def best_record(records: list[dict[str, Any]], direction: str) -> dict[str, Any]
 
 def _is_finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def read_trial_metric(trial, name: str) -> float | None:
+    """Return the last value of ``name`` that the trial reported, or None."""
+    if trial.metrics.exists(name):
+        return float(trial.metrics.get_last_value(name))
+    return None
 
 
 class StageRecorder:
@@ -464,28 +688,49 @@ class StageRecorder:
     def record(
         self, trial, duration_seconds: float | None, parameters: int | None
     ) -> dict[str, Any]:
-        """Store and log one finished trial (a retried trial replaces its earlier record)."""
+        """Store and log one finished trial (a retried trial replaces its earlier record).
+
+        Values the trial reported to the oracle (parameters, training seconds, edge size
+        and latency) fill what this process did not measure, as on a chief.
+        """
         sampled = {
             n: trial.hyperparameters.values[n]
             for n in self.settings["search_space"]
             if n in trial.hyperparameters.values
         }
-        value = (
-            float(trial.score) if trial.status == COMPLETED and trial.score is not None else None
-        )
+        completed = trial.status == COMPLETED and trial.score is not None
+        unpenalized = read_trial_metric(trial, UNPENALIZED_METRIC)
+        value = None
+        if completed:
+            value = unpenalized if unpenalized is not None else float(trial.score)
+        size_kb = read_trial_metric(trial, SIZE_METRIC)
+        latency_ms = read_trial_metric(trial, LATENCY_METRIC)
+        if duration_seconds is None:
+            duration_seconds = read_trial_metric(trial, SECONDS_METRIC)
+        if parameters is None and read_trial_metric(trial, PARAMETERS_METRIC) is not None:
+            parameters = int(read_trial_metric(trial, PARAMETERS_METRIC))
+        fixed = {
+            n: trial.hyperparameters.values[n]
+            for n in self.fixed
+            if n in trial.hyperparameters.values
+        }
         record = {
             "trial_id": trial.trial_id,
             "status": trial.status,
             "value": value,
+            "score": float(trial.score) if completed else None,
             "hyperparameters": sampled,
-            "values": {**self.base_values, **sampled},
+            "values": {**self.base_values, **fixed, **sampled},
             "duration_seconds": None if duration_seconds is None else round(duration_seconds, 2),
             "parameters": parameters,
+            "size_kb": None if size_kb is None else round(size_kb, 2),
+            "latency_ms": None if latency_ms is None else round(latency_ms, 4),
+            "feasible": None if size_kb is None else bool(completed and trial.score == value),
         }
         self.records[trial.trial_id] = record
         self.save()
         logger.info(
-            "Stage %s trial %s: %s -> %s=%s (%s, %s s, %s parameters)",
+            "Stage %s trial %s: %s -> %s=%s (%s, %s s, %s parameters%s)",
             self.stage,
             trial.trial_id,
             sampled,
@@ -494,6 +739,7 @@ class StageRecorder:
             trial.status,
             record["duration_seconds"],
             parameters,
+            "" if size_kb is None else f", {record['size_kb']} KB, {record['latency_ms']} ms",
         )
         return record
 
@@ -534,14 +780,178 @@ def write_trials_csv(
 ) -> Path:
     """Write one row per trial of every stage: ids, status, values, objective, seconds, size."""
     columns = ["stage", "trial_id", "status", *names, objective, "duration_seconds", "parameters"]
+    records = {stage: load_stage_records(tuning_dir / stage) for stage in stages}
+    if any(
+        r.get("size_kb") is not None for stage_records in records.values() for r in stage_records
+    ):
+        columns += ["size_kb", "latency_ms", "feasible", "score"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for stage in stages:
-        for record in load_stage_records(tuning_dir / stage):
+        for record in records[stage]:
             row = {"stage": stage, objective: record["value"], **record, **record["values"]}
             writer.writerow(row)
     return write_text_atomic(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------
+# Trial processes: TensorFlow keeps about 10 MiB per trained model after clear_session
+# (TF 2.21, Keras 3.15), so long searches run their trials in child processes.
+
+
+def _exit_with_parent() -> None:
+    """Ask Linux to SIGKILL this child when its parent dies, so no trial process is orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # 1 is PR_SET_PDEATHSIG.
+    except (OSError, AttributeError):
+        pass  # Not Linux: a killed parent leaves its child to finish or time out.
+
+
+class TrialProcessLauncher:
+    """Runs trial processes one after another until the stage's oracle has no trial left.
+
+    Each process is the tune command as a worker of this process's oracle on 127.0.0.1;
+    it runs ``--trials-per-process`` trials and exits, and the next one starts. Child
+    logs go to ``log_path``.
+    """
+
+    def __init__(self, command: list[str], log_path: Path) -> None:
+        self.command = command
+        self.log_path = log_path
+        self.stopping = threading.Event()
+        self.process: subprocess.Popen | None = None
+        self.thread = threading.Thread(target=self._run, name="trial-processes", daemon=True)
+
+    def start(self) -> None:
+        """Start launching trial processes in a background thread."""
+        logger.info("Running trials in child processes: %s", " ".join(self.command))
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop launching, and end a process that is still starting up."""
+        self.stopping.set()
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        self.thread.join(timeout=30)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self.stopping.is_set():
+            returncode, new_trials = self._run_one()
+            if self.stopping.is_set():
+                return
+            failures = failures + 1 if returncode != 0 else 0
+            if failures >= TRIAL_PROCESS_FAILURES:
+                logger.error(
+                    "%d trial processes in a row failed (last exit code %s); stopping the "
+                    "search. See %s.",
+                    failures,
+                    returncode,
+                    self.log_path,
+                )
+                _thread.interrupt_main()
+                return
+            if returncode == 0 and new_trials == 0:
+                return  # The oracle has no trial left; the search is ending.
+
+    def _run_one(self) -> tuple[int, int | None]:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                preexec_fn=_exit_with_parent,  # noqa: PLW1509 - only a prctl call.
+            )
+            output, _ = self.process.communicate()
+        try:
+            new_trials = json.loads(output).get("new_trials")
+        except (json.JSONDecodeError, AttributeError):
+            new_trials = None
+        return self.process.returncode, new_trials
+
+
+# ---------------------------------------------------------------------------
+# Plots of the search, from trials.csv.
+
+
+def load_trial_rows(trials_csv: Path, objective: str) -> list[dict[str, Any]]:
+    """Return the completed rows of ``trials.csv`` with a numeric objective, in file order."""
+    with open(trials_csv, encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    completed = []
+    for row in rows:
+        try:
+            value = float(row[objective])
+        except (TypeError, ValueError):
+            continue
+        if row["status"] == COMPLETED and math.isfinite(value):
+            completed.append({**row, objective: value})
+    return completed
+
+
+def plot_search(trials_csv: Path, out_dir: Path, objective: str, names: list[str]) -> list[Path]:
+    """Write ``objective_per_trial.png`` and ``objective_per_hyperparameter.png``.
+
+    The first shows the objective of each completed trial in run order, coloured by
+    stage. The second has one panel per hyperparameter. Its x-axis is logarithmic for
+    positive values that span more than a factor of 20, and choices sit at their label.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # Headless: searches run on servers and in CI.
+    import matplotlib.pyplot as plt
+
+    rows = load_trial_rows(trials_csv, objective)
+    if not rows:
+        return []
+    paths = [out_dir / "objective_per_trial.png", out_dir / "objective_per_hyperparameter.png"]
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    for stage in dict.fromkeys(row["stage"] for row in rows):
+        points = [(i + 1, row[objective]) for i, row in enumerate(rows) if row["stage"] == stage]
+        axis.scatter(*zip(*points, strict=True), label=stage)
+    axis.set_xlabel("completed trial")
+    axis.set_ylabel(objective)
+    axis.legend(title="stage")
+    _save_figure(figure, paths[0])
+
+    figure, axes = plt.subplots(1, len(names), figsize=(3.5 * len(names), 3.2), squeeze=False)
+    for axis, name in zip(axes[0], names, strict=True):
+        _plot_hyperparameter(axis, [row[name] for row in rows], [row[objective] for row in rows])
+        axis.set_xlabel(name)
+        axis.set_ylabel(objective)
+    _save_figure(figure, paths[1])
+    return paths
+
+
+def _plot_hyperparameter(axis, raw_values: list[str], objectives: list[float]) -> None:
+    try:
+        values = [float(v) for v in raw_values]
+    except ValueError:
+        values = None
+    if values is None:  # Categorical: one position per distinct label.
+        labels = sorted(set(raw_values))
+        axis.scatter([labels.index(v) for v in raw_values], objectives)
+        axis.set_xticks(range(len(labels)), labels)
+        return
+    axis.scatter(values, objectives)
+    if min(values) > 0 and max(values) / min(values) > 20:
+        axis.set_xscale("log")
+
+
+def _save_figure(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    tmp.replace(path)
+    logger.info("Wrote %s", path)
 
 
 # ---------------------------------------------------------------------------
@@ -569,6 +979,51 @@ def select_stages(tune: TuneConfig, requested: str | None) -> tuple[str, ...]:
             f"add it to tune.stages or pick one of {['all', *tune.stages]}."
         )
     return (requested,)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+    """Settings of one tune command beyond ``tune``: edge limits, checkpoints and role."""
+
+    edge_limits: EdgeLimits = EdgeLimits()
+    keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS
+    role: str = "standalone"  # "standalone", "chief" or "worker"
+    worker_id: str | None = None
+    trials_per_process: int | None = None
+    # The worker command that runs trials in child processes; None runs them in this one.
+    trial_command: list[str] | None = None
+
+
+def resolve_search_options(tune: TuneConfig, args: Any) -> SearchOptions:
+    """Read the edge limits and checkpoint count from the flags (else ``tune``) and the role.
+
+    Raises:
+        ConfigError: a limit or count out of range, or an invalid distributed setup.
+    """
+
+    def pick(flag: str, field: str) -> Any:
+        value = getattr(args, flag, None)
+        return value if value is not None else getattr(tune, field, None)
+
+    limits = EdgeLimits(
+        pick("max_size_kb", "max_size_kb"), pick("max_latency_ms", "max_latency_ms")
+    )
+    for name, value in (
+        ("max_size_kb", limits.max_size_kb),
+        ("max_latency_ms", limits.max_latency_ms),
+    ):
+        if value is not None:
+            check_range(f"--{name.replace('_', '-')}", value, 0.0, low_inclusive=False)
+    keep = pick("keep_checkpoints", "keep_checkpoints")
+    keep = DEFAULT_KEEP_CHECKPOINTS if keep is None else keep
+    check_range("--keep-checkpoints", keep, 0)
+    role, worker_id = configure_tuning_role(
+        getattr(args, "role", None), getattr(args, "oracle", None), getattr(args, "worker_id", None)
+    )
+    per_process = getattr(args, "trials_per_process", None)
+    if per_process is not None:
+        check_range("--trials-per-process", per_process, 1)
+    return SearchOptions(limits, int(keep), role, worker_id, per_process)
 
 
 @dataclasses.dataclass
@@ -606,10 +1061,19 @@ class StagedSearch:
         build_model: BuildModelFn,
         make_datasets: MakeDatasetsFn,
         budget: TimeBudget,
+        options: SearchOptions = SearchOptions(),
+        build_export_model: BuildExportModelFn | None = None,
     ) -> None:
         self.config = config
         self.tune = tune
-        self.run_dir = Path(run_dir)
+        self.options = options
+        self.build_export_model = build_export_model
+        # Workers keep their trials apart from the chief's, also on a shared file system.
+        self.run_dir = (
+            Path(run_dir) / WORKERS_DIR / options.worker_id
+            if options.role == "worker"
+            else Path(run_dir)
+        )
         self.tuning_dir = self.run_dir / TUNING_DIR
         self.fields = resolve_search_fields(config, tune.search_space)
         self.build_model = build_model
@@ -627,7 +1091,13 @@ class StagedSearch:
         ]
 
     def fixed_values(self, stage: str, earlier: list[StageResult]) -> dict[str, Any]:
-        """Return the incumbent's values for the entries of the stages before ``stage``."""
+        """Return the incumbent's values for the entries of the stages before ``stage``.
+
+        A distributed worker returns none: it receives the chief's fixed values with
+        each trial.
+        """
+        if self.options.role == "worker":
+            return {}
         earlier_names = [n for result in earlier for n in self.stage_names(result.stage)]
         records = [r for result in earlier for r in result.records]
         incumbent = best_record(records, self.tune.direction)
@@ -739,7 +1209,15 @@ class StagedSearch:
             self.write_csv,
         )
         hypermodel = ConfigHyperModel(
-            base_config, settings["search_space"], self.fields, self.build_model, self.make_datasets
+            base_config,
+            settings["search_space"],
+            self.fields,
+            self.build_model,
+            self.make_datasets,
+            objective=keras_tuner.Objective(self.tune.objective, direction=self.tune.direction),
+            fixed=fixed if self.options.role == "chief" or self.options.trial_command else None,
+            edge_limits=self.options.edge_limits,
+            build_export_model=self.build_export_model,
         )
 
         before = len(recorder.records)
@@ -755,7 +1233,7 @@ class StagedSearch:
         """Build or reload the stage's tuner and search; return True if the budget stopped it."""
         stopped = False
         # KerasTuner prints progress; stdout carries the command's results only.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), self.serve_trial_processes():
             tuner = build_tuner(
                 self.tune,
                 hypermodel,
@@ -765,9 +1243,25 @@ class StagedSearch:
                 budget=self.budget,
                 recorder=recorder,
             )
+            if self.tune.tuner != "hyperband":  # Hyperband resumes from earlier checkpoints.
+                tuner.after_trial = lambda: self.prune_checkpoints()
+            if self.options.role == "worker":
+                tuner.trial_quota = self.options.trials_per_process
             recorder.save()
+            if self.options.role == "chief":
+                logger.info(
+                    "Stage %s: serving the oracle for the workers; waiting until they finish.",
+                    stage,
+                )
+            launcher = self.start_trial_processes(stage)
             try:
-                tuner.search(epochs=self.tune.epochs_per_trial, verbose=0)
+                tuner.search(
+                    epochs=self.tune.epochs_per_trial,
+                    verbose=0,
+                    callbacks=[
+                        keras.callbacks.TensorBoard(str(self.run_dir / TENSORBOARD_DIR / stage))
+                    ],
+                )
             except TimeBudgetReached:
                 stopped = True
                 logger.warning(
@@ -775,8 +1269,90 @@ class StagedSearch:
                     stage,
                     self.budget.minutes,
                 )
-        recorder.sync(tuner.oracle)
+            except TrialQuotaReached:
+                logger.info(
+                    "Stage %s: this process ran its %d trials; the next process goes on.",
+                    stage,
+                    self.options.trials_per_process,
+                )
+            finally:
+                if launcher is not None:
+                    launcher.stop()
+        if self.options.role != "worker":  # A worker's oracle is the chief's, over gRPC.
+            recorder.sync(tuner.oracle)
+        if not (stopped and self.tune.tuner == "hyperband"):
+            self.prune_checkpoints()
         return stopped
+
+    @contextlib.contextmanager
+    def serve_trial_processes(self):
+        """Make this process the chief of an oracle on 127.0.0.1 while its trial processes run.
+
+        Each stage gets a new port: KerasTuner leaves the previous stage's server running.
+        """
+        if self.options.trial_command is None:
+            yield
+            return
+        configure_tuning_role("chief", f"127.0.0.1:{pick_free_port()}", None)
+        try:
+            yield
+        finally:
+            configure_tuning_role("standalone", None, None)
+
+    def start_trial_processes(self, stage: str) -> TrialProcessLauncher | None:
+        """Start the child processes that run this stage's trials, when trials are isolated."""
+        if self.options.trial_command is None:
+            return None
+        remaining = None
+        if self.budget.minutes is not None:
+            remaining = self.budget.minutes - (self.budget.clock() - self.budget.started) / 60
+        command = [
+            *self.options.trial_command,
+            "--stage",
+            stage,
+            "--oracle",
+            f"{os.environ[ORACLE_IP_ENV]}:{os.environ[ORACLE_PORT_ENV]}",
+        ]
+        if remaining is not None:
+            command += ["--time-budget", f"{max(remaining, 1e-6):.6f}"]
+        launcher = TrialProcessLauncher(
+            command, self.run_dir / TUNING_DIR / stage / "processes.log"
+        )
+        launcher.start()
+        return launcher
+
+    def all_records(self) -> list[dict[str, Any]]:
+        """Return the saved records of every stage, each with its stage name."""
+        return [
+            dict(record, stage=stage)
+            for stage in self.tune.stages
+            for record in load_stage_records(self.tuning_dir / stage)
+        ]
+
+    def prune_checkpoints(self) -> list[Path]:
+        """Delete the trial checkpoints of all but the best ``keep_checkpoints`` trials."""
+        records = [
+            r for r in self.all_records() if r["status"] == COMPLETED and _is_finite(r["value"])
+        ]
+        feasible_first = sorted(
+            records,
+            key=lambda r: (
+                r.get("feasible") is False,
+                r["value"] if self.tune.direction == "min" else -r["value"],
+            ),
+        )
+        keep = {
+            (r["stage"], r["trial_id"]) for r in feasible_first[: self.options.keep_checkpoints]
+        }
+        deleted = []
+        for path in self.tuning_dir.glob(f"*/trial_*/{CHECKPOINT_FILE}"):
+            stage, trial_id = path.parts[-3], path.parent.name.removeprefix("trial_")
+            if (stage, trial_id) not in keep:
+                path.unlink(missing_ok=True)
+                deleted.append(path)
+        if deleted:
+            logger.info("Deleted %d trial checkpoints outside the best %d", len(deleted), len(keep))
+        return deleted
 
     def write_csv(self) -> Path:
         """Rewrite trials.csv from every stage's saved records."""
@@ -794,6 +1370,7 @@ def run_tuning(
     context: CommandContext,
     build_model: BuildModelFn,
     make_datasets: MakeDatasetsFn,
+    build_export_model: BuildExportModelFn | None = None,
 ) -> dict[str, Any]:
     """Run the staged KerasTuner search of a pipeline's ``tune`` command.
 
@@ -802,28 +1379,48 @@ def run_tuning(
             ``tune`` sections.
         context: the `shared.cli.CommandContext`; uses ``run_dir`` and the flags
             ``args.tuner``, ``args.max_trials``, ``args.executions_per_trial``,
-            ``args.time_budget`` (minutes) and ``args.stage`` ("all" or one stage).
+            ``args.time_budget`` (minutes), ``args.stage`` ("all" or one stage),
+            ``args.max_size_kb``, ``args.max_latency_ms``, ``args.keep_checkpoints``,
+            ``args.role``, ``args.oracle`` and ``args.worker_id``.
         build_model: returns a compiled model for a config, e.g. compiled with
             ``shared.training.build_optimizer(config.train)``.
         make_datasets: returns batched ``(train, validation)`` datasets for a config,
             batched with ``config.train.batch_size``; load the data once, outside it.
+        build_export_model: ``(config, trained model) -> model``, returning a copy with
+            static shapes (batch 1, fixed length) and the trained weights, because only
+            that converts to built-in TFLite ops. Needed for the edge-aware objective only.
 
     Returns:
-        ``tuner``, ``objective``, ``direction``, ``stages`` (per stage: best
+        ``tuner``, ``objective``, ``direction``, ``role``, ``stages`` (per stage: best
         hyperparameters and value, fixed values, trial counts), ``best_hyperparameters``
         (the incumbent's value of every entry), ``best_value``, ``best_stage``,
         ``best_trial_id``, ``trials``, ``new_trials``, ``time_budget_reached`` and the
-        paths ``trials_csv`` and ``best_config`` (None when no trial completed).
+        paths ``trials_csv``, ``best_config`` (None when no trial completed) and ``plots``.
 
     Raises:
         ConfigError: an invalid flag, search-space entry or sampled config, an objective
-            the model does not log, or a saved stage searched with other settings.
+            the model does not log, a saved stage searched with other settings, the edge
+            objective without ``build_export_model``, or a distributed search of
+            several stages.
     """
     tune = resolve_tune_config(config.tune, context.args)
     config = dataclasses.replace(config, tune=tune)
     stages = select_stages(tune, getattr(context.args, "stage", "all"))
+    options = resolve_search_options(tune, context.args)
+    check_search_setup(options, stages, build_export_model)
+    if options.role == "standalone" and options.trials_per_process is not None:
+        options = dataclasses.replace(options, trial_command=build_trial_command(context))
     budget = TimeBudget(tune.time_budget_minutes)
-    search = StagedSearch(config, tune, context.run_dir, build_model, make_datasets, budget)
+    search = StagedSearch(
+        config,
+        tune,
+        context.run_dir,
+        build_model,
+        make_datasets,
+        budget,
+        options,
+        build_export_model,
+    )
     check_search_space(search.trial_base, tune.search_space, search.fields)
     search.check_saved_settings(stages)
     check_objective(search.trial_base, build_model, make_datasets, tune.objective)
@@ -831,6 +1428,75 @@ def run_tuning(
     csv_path = search.write_csv()
     logger.info("Wrote %s", csv_path)
     return summarize_search(search, results)
+
+
+def build_trial_command(context: CommandContext) -> list[str]:
+    """Return the command line of a trial process: this tune command as a worker on loopback.
+
+    Raises:
+        ConfigError: this process was not started as a pipeline's command line, so the
+            command cannot be rebuilt (e.g. ``run_tuning`` called from a test).
+    """
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name.startswith("pipelines."):
+        entry = ["-m", spec.name.removesuffix(".__main__")]
+    elif (
+        spec is None and getattr(main, "__file__", None) and context.pipeline in str(main.__file__)
+    ):
+        entry = [str(main.__file__)]
+    else:
+        raise ConfigError(
+            "--trials-per-process: trial processes rerun this tune command, so start it as "
+            f"'python -m pipelines.{context.pipeline} tune ...'; it is running inside "
+            f"{getattr(spec, 'name', None) or getattr(main, '__file__', '?')!r}."
+        )
+    args = context.args
+    command = [sys.executable, *entry, "tune", "--preset", context.preset]
+    for path in getattr(args, "config", None) or []:
+        command += ["--config", str(path)]
+    for override in getattr(args, "overrides", None) or []:
+        command += ["--set", override]
+    flags = {
+        "--data-dir": context.data_dir,
+        "--run-dir": context.run_dir,
+        "--seed": getattr(args, "seed", None),
+        "--log-level": getattr(args, "log_level", None),
+        "--tuner": getattr(args, "tuner", None),
+        "--max-trials": getattr(args, "max_trials", None),
+        "--executions-per-trial": getattr(args, "executions_per_trial", None),
+        "--max-size-kb": getattr(args, "max_size_kb", None),
+        "--max-latency-ms": getattr(args, "max_latency_ms", None),
+        "--keep-checkpoints": getattr(args, "keep_checkpoints", None),
+        "--trials-per-process": getattr(args, "trials_per_process", None),
+    }
+    for flag, value in flags.items():
+        if value is not None:
+            command += [flag, str(value)]
+    return [*command, "--role", "worker", "--worker-id", TRIAL_PROCESS_ID]
+
+
+def check_search_setup(
+    options: SearchOptions, stages: tuple[str, ...], build_export_model: BuildExportModelFn | None
+) -> None:
+    """Reject the edge objective without an export hook, and distributed runs of several stages.
+
+    Raises:
+        ConfigError: naming the missing piece and what to pass instead.
+    """
+    if options.edge_limits.active and build_export_model is None:
+        raise ConfigError(
+            "--max-size-kb/--max-latency-ms: the edge-aware objective exports each trial's model, "
+            "but this pipeline's tune command passes no build_export_model to run_tuning. Drop "
+            "the limits, or add a build_export_model(config, model) that returns a batch-1, "
+            "fixed-length copy of the model."
+        )
+    if options.role != "standalone" and len(stages) != 1:
+        raise ConfigError(
+            f"--role {options.role}: a distributed search runs one stage per command, got the "
+            f"stages {list(stages)}. Pass --stage with one of them on the chief and every worker, "
+            "and run the stages in order."
+        )
 
 
 def summarize_search(search: StagedSearch, results: list[StageResult]) -> dict[str, Any]:
@@ -852,10 +1518,18 @@ def summarize_search(search: StagedSearch, results: list[StageResult]) -> dict[s
             incumbent["stage"],
             incumbent["trial_id"],
         )
+    plots = (
+        plot_search(
+            search.run_dir / TRIALS_CSV, search.run_dir, tune.objective, list(search.fields)
+        )
+        if records
+        else []
+    )
     return {
         "tuner": tune.tuner,
         "objective": tune.objective,
         "direction": tune.direction,
+        "role": search.options.role,
         "stages": {result.stage: result.summary(tune.direction) for result in results},
         "best_hyperparameters": incumbent["values"] if incumbent else None,
         "best_value": incumbent["value"] if incumbent else None,
@@ -866,4 +1540,5 @@ def summarize_search(search: StagedSearch, results: list[StageResult]) -> dict[s
         "time_budget_reached": any(result.stopped_by_budget for result in results),
         "trials_csv": str(search.run_dir / TRIALS_CSV),
         "best_config": str(best_path) if best_path else None,
+        "plots": [str(path) for path in plots],
     }
