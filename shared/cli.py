@@ -12,6 +12,7 @@ from that saved config when it exists, so they describe the model that was train
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -218,7 +219,9 @@ def dispatch(commands: Mapping[str, CommandFn], config: Any, context: CommandCon
         return EXIT_USAGE
     set_seeds(config.train.seed)
     try:
-        with strategy.scope():
+        # Keras progress bars print to sys.stdout; send them to stderr so that standard
+        # output carries only results. Commands write results to context.stdout.
+        with strategy.scope(), contextlib.redirect_stdout(sys.stderr):
             result = commands[context.command](config, context)
     except ConfigError as error:
         logger.error("%s", error)

@@ -151,8 +151,11 @@ def default_search_space() -> dict[str, dict[str, Any]]:
     return {
         "learning_rate": {"type": "float", "min": 1e-3, "max": 1e-2, "sampling": "log", "stage": "learning_rate"},
         "units": {"type": "int", "min": 64, "max": 512, "step": 64, "stage": "size"},
-        "dropout": {"type": "float", "min": 0.2, "max": 0.5, "stage": "regularization"},
         "batch_size": {"type": "choice", "values": [16, 32, 64, 128], "stage": "learning_rate"},
+        "layers": {"type": "int", "min": 1, "max": 3, "stage": "size"},
+        "dropout": {"type": "float", "min": 0.2, "max": 0.5, "stage": "regularization"},
+        "recurrent_dropout": {"type": "float", "min": 0.0, "max": 0.3, "stage": "regularization"},
+        "weight_decay": {"type": "float", "min": 1e-5, "max": 1e-2, "sampling": "log", "stage": "regularization"},
     }
 
 
@@ -193,6 +196,9 @@ class TuneConfig:
     direction: str = "min"
     stages: tuple[str, ...] = SEARCH_STAGES
     time_budget_minutes: float | None = None
+    max_size_kb: float | None = None
+    max_latency_ms: float | None = None
+    keep_checkpoints: int = 3
     search_space: dict[str, Any] = dataclasses.field(default_factory=default_search_space)
 
     def __post_init__(self) -> None:
@@ -205,6 +211,11 @@ class TuneConfig:
             check_choice("tune.stages", stage, SEARCH_STAGES)
         if self.time_budget_minutes is not None:
             check_range("tune.time_budget_minutes", self.time_budget_minutes, 0.0, low_inclusive=False)
+        if self.max_size_kb is not None:
+            check_range("tune.max_size_kb", self.max_size_kb, 0.0, low_inclusive=False)
+        if self.max_latency_ms is not None:
+            check_range("tune.max_latency_ms", self.max_latency_ms, 0.0, low_inclusive=False)
+        check_range("tune.keep_checkpoints", self.keep_checkpoints, 0)
         validate_search_space(self.search_space)
 
 

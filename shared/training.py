@@ -70,13 +70,15 @@ def build_optimizer(config: TrainConfig, total_steps: int | None = None) -> kera
         "none": {},
     }[config.clipping]
     learning_rate = build_learning_rate(config, total_steps)
+    # Keras 3 applies decoupled weight decay in every optimizer; None turns it off.
+    options = {**clipping, "weight_decay": config.weight_decay or None}
     if config.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate, **clipping)
+        return keras.optimizers.Adam(learning_rate, **options)
     if config.optimizer == "adamw":
         return keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay, **clipping)
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, **clipping)
-    return keras.optimizers.RMSprop(learning_rate, **clipping)
+        return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, **options)
+    return keras.optimizers.RMSprop(learning_rate, **options)
 
 
 def build_callbacks(

@@ -570,7 +570,18 @@ def tune(config: PredictiveMaintenanceConfig, context: CommandContext) -> dict[s
     def make_trial_datasets(trial_config: PredictiveMaintenanceConfig):
         return make_datasets(trial_config, windows)
 
-    return run_tuning(config, context, build_model=build_model, make_datasets=make_trial_datasets)
+    def build_export_model(trial_config: PredictiveMaintenanceConfig, model: keras.Model) -> keras.Model:
+        return build_window_export_model(
+            model, trial_config.model, trial_config.data.window_length, trial_config.data.rul_cap
+        )
+
+    return run_tuning(
+        config,
+        context,
+        build_model=build_model,
+        make_datasets=make_trial_datasets,
+        build_export_model=build_export_model,
+    )
 
 
 # ---------------------------------------------------------------------------
