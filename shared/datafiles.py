@@ -149,8 +149,11 @@ def format_missing_files(
         status = f"MISSING ({reasons[remote.path]})" if remote.path in missing_paths else "ok"
         source = f" from {remote.url}" if remote.url else ""
         lines.append(f"  {root / remote.path}  [{status}]{source}")
-    lines.append(
+    fix = (
         "To fix: copy the files to those paths, or point --data-dir (or $PIPELINES_DATA_DIR) "
-        "at a folder that holds them; with network access they are downloaded and checked."
+        "at a folder that contains them."
     )
+    if any(remote.url for remote, _ in missing):
+        fix += " Files with a source URL are downloaded and checked when the network is reachable."
+    lines.append(fix)
     return "\n".join(lines)

@@ -157,6 +157,7 @@ def train_model(
     if validation_data is None and monitor.startswith("val_"):
         monitor = monitor[len("val_"):]
     warn_if_small_dataset(model, num_train_samples)
+    log_run_state(run_dir)
     started = time.monotonic()
     strategy = tf.distribute.get_strategy()
     if needs_custom_loop(strategy):
@@ -209,6 +210,18 @@ def fit_with_callbacks(
         verbose=verbose,
     )
     return history.history
+
+
+def log_run_state(run_dir: Path) -> None:
+    """Log whether training resumes an interrupted run or replaces a finished one."""
+    if (run_dir / "backup").exists():
+        logger.info("Resuming the interrupted run in %s from its last backup.", run_dir)
+    elif (run_dir / "model.keras").exists():
+        logger.warning(
+            "%s already contains a trained model.keras; this run trains from scratch and replaces it. "
+            "Pass another --run-dir to keep both.",
+            run_dir,
+        )
 
 
 def summarize_history(history: dict[str, list[float]], monitor: str, mode: str) -> dict[str, Any]:

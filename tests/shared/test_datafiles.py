@@ -66,3 +66,9 @@ def test_failed_download_reported(tmp_path):
     remote = RemoteFile("toy/data.bin", url=(tmp_path / "absent.bin").as_uri())
     with pytest.raises(DataError, match=r"MISSING \(download failed"):
         ensure_files("Toy", [remote], tmp_path / "data")
+
+
+def test_missing_without_url_promises_no_download(tmp_path):
+    with pytest.raises(DataError) as raised:
+        ensure_files("Toy", [RemoteFile("toy/a.txt")], tmp_path)
+    assert "downloaded" not in str(raised.value)

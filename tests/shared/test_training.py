@@ -140,3 +140,12 @@ def test_killed_run_resumes_from_backup(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert read_epochs(run_dir / "history.csv") == [0, 1, 2, 3]
     assert not (run_dir / "backup").exists()
+
+
+def test_rerun_warns_before_replacing_model(tmp_path, caplog):
+    model = build_regressor()
+    model.compile(build_optimizer(TrainConfig()), "mse")
+    train_model(model, make_dataset(), None, TrainConfig(epochs=1), tmp_path, verbose=0)
+    with caplog.at_level(logging.WARNING, logger="shared.training"):
+        train_model(model, make_dataset(), None, TrainConfig(epochs=1), tmp_path, verbose=0)
+    assert "already contains a trained model.keras" in caplog.text
