@@ -5,7 +5,7 @@ Commands are ``train``, ``evaluate``, ``predict``, ``tune`` and ``export``. Resu
 codes: 0 success, 1 failure, 2 bad usage (unknown flag, invalid config value).
 
 The config is resolved as preset, then ``--config`` files, then ``--set`` overrides.
-``train`` saves it as ``config.yaml`` in the run directory; the other commands start
+``train`` saves it as ``config.yaml`` in the run directory. The other commands start
 from that saved config when it exists, so they describe the model that was trained.
 """
 

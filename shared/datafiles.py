@@ -4,7 +4,7 @@ The data directory is ``--data-dir`` if given, else ``$PIPELINES_DATA_DIR``, els
 cache folder ``$XDG_CACHE_HOME/rnn-pipelines/data`` (``~/.cache/rnn-pipelines/data``).
 Each dataset lives in a subfolder such as ``translation/multi30k``. A file that is
 missing is downloaded from its canonical URL into the data directory and accepted only
-if its sha256 matches; a failed download leaves nothing behind. When files are still
+if its sha256 matches. A failed download leaves nothing behind. When files are still
 missing (offline, say), one `DataError` lists every expected file and how to provide it.
 """
 

@@ -1,6 +1,6 @@
 """Run directories and the files written into them, always atomically.
 
-A run directory holds everything one training run produces: ``config.yaml``,
+A run directory contains everything one training run produces: ``config.yaml``,
 ``metrics.json``, ``history.csv``, ``model.keras``, ``checkpoints/``, ``backup/``
 (deleted when training finishes), ``logs/`` (TensorBoard), ``report.md`` and exports.
 Files are written to a temporary name and renamed, so a crash or a kill never leaves a

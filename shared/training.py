@@ -230,7 +230,8 @@ def summarize_history(history: dict[str, list[float]], monitor: str, mode: str) 
     summary: dict[str, Any] = {"final": last, "epochs_run": len(next(iter(history.values()), []))}
     values = history.get(monitor)
     if values:
-        finite = [v if math.isfinite(v) else (math.inf if mode == "min" else -math.inf) for v in values]
+        worst = math.inf if mode == "min" else -math.inf
+        finite = [value if math.isfinite(value) else worst for value in values]  # NaN never wins.
         best_epoch = int(np.argmin(finite) if mode == "min" else np.argmax(finite))
         summary.update({"monitor": monitor, "best": float(values[best_epoch]), "best_epoch": best_epoch + 1})
     return summary
