@@ -36,7 +36,7 @@ from shared.config import (
 from shared.datafiles import resolve_data_dir
 from shared.distributed import STRATEGIES, TUNING_ROLES, read_tf_config, resolve_worker_run_dir
 from shared.errors import ConfigError, DataError, ExportError
-from shared.runs import default_run_dir
+from shared.runs import default_run_dir, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,23 @@ def build_parser(pipeline: str, presets: Mapping[str, Any], description: str | N
     export = commands.add_parser("export", parents=[common], help="export SavedModel and TFLite models")
     export.add_argument("--variants", help=f"comma-separated TFLite variants from {','.join(TFLITE_VARIANTS)}")
     return parser
+
+
+def write_predictions(context: CommandContext, text: str, count: int, kind: str) -> dict[str, Any] | None:
+    """Write a predict command's ``text`` to ``--output``, or to standard output for "-".
+
+    Returns:
+        None after writing to standard output (the text is the result), else a summary
+        ``{kind: count, "output": path}`` for the CLI to print.
+    """
+    output = context.args.output
+    if output == "-":
+        context.stdout.write(text)
+        context.stdout.flush()
+        return None
+    write_text_atomic(output, text)
+    logger.info("Wrote %d %s to %s", count, kind, output)
+    return {kind: count, "output": output}
 
 
 def configure_logging(level: str) -> None:

@@ -7,7 +7,7 @@ Conventions this module owns:
   byte order mark at the start of a file is removed. Line numbers in errors are 1-based.
 * A parallel corpus is two files with one sentence per line and equal line counts. Line *i*
   of the source file translates line *i* of the target file, and no line is empty.
-* Token id 0 is padding (``PAD_ID`` from ``shared.padding``); ids 1, 2 and 3 are the unknown
+* Token id 0 is padding (``PAD_ID`` from ``shared.padding``). Ids 1, 2 and 3 are the unknown
   token, begin-of-sentence and end-of-sentence in every SentencePiece model trained here.
 * Every trained model is written with a ``<name>.sha256`` file holding the model's sha256,
   and loading verifies it, so a tokenizer never changes behind a trained network's back.
@@ -368,7 +368,7 @@ def train_sentencepiece(
         normalization: one of ``NORMALIZATION_RULES``.
         seed: seed of SentencePiece's random generator, set right before training because
             the generator is global to the process. Training uses every sentence, so on
-            sentencepiece 0.2.3 two seeds gave identical models; the same seed and corpus
+            sentencepiece 0.2.3 two seeds gave identical models. The same seed and corpus
             gave identical bytes across processes (5000 sentences, 2 threads).
         max_sentence_length: longest sentence used, in UTF-8 bytes.
         remove_extra_whitespaces: collapse runs of spaces and drop leading and trailing

@@ -42,7 +42,7 @@ class DataConfig:
         num_conditions: operating conditions clustered from the three settings.
         constant_tolerance: a sensor whose range on training rows is at most this is dropped.
         cycle_feature: feed the cycle number (the engine's age) as an input next to the
-            sensors, so the model sees how long the engine has run.
+            sensors, so the model receives how long the engine has run.
         smoothing_alpha: weight of the newest reading in the causal exponential moving
             average applied to each engine's scaled sensors (not the cycle number);
             1.0 turns smoothing off.

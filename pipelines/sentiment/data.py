@@ -10,7 +10,7 @@ Conventions this module owns:
 * The validation split is carved from the training split, stratified by label, with a
   seeded generator. The test split is never used for early stopping or tuning.
 * Texts longer than ``data.max_length`` tokens are truncated after tokenization, keeping
-  the head, the tail or both; the number of truncated texts is logged as a WARNING.
+  the head, the tail or both. The number of truncated texts is logged as a WARNING.
 * Token ids are padded on the right with ``PAD_ID = 0`` (see ``shared.padding``); every
   text has at least one token.
 """

@@ -31,9 +31,9 @@ from pipelines.sentiment.model import (
     compute_probabilities,
     copy_matching_weights,
 )
-from shared.cli import CommandContext
+from shared.cli import CommandContext, write_predictions
 from shared.errors import DataError
-from shared.runs import read_json, write_json, write_text_atomic
+from shared.runs import read_json, write_json
 from shared.text import SentencePieceTokenizer, load_sentencepiece, train_sentencepiece
 from shared.training import build_optimizer, train_model
 
@@ -238,14 +238,7 @@ def predict(config: SentimentConfig, context: CommandContext) -> dict[str, Any] 
     for (number, _), row in zip(lines, probabilities):
         best = int(np.argmax(row))
         rows.append(json.dumps({"line": number, "label": label_names[best], "probability": round(float(row[best]), 6)}))
-    text = "\n".join(rows) + "\n"
-    if context.args.output == "-":
-        context.stdout.write(text)
-        context.stdout.flush()
-        return None
-    write_text_atomic(context.args.output, text)
-    logger.info("Wrote %d predictions to %s", len(rows), context.args.output)
-    return {"predictions": len(rows), "output": context.args.output}
+    return write_predictions(context, "\n".join(rows) + "\n", len(rows), "predictions")
 
 
 def tune(config: SentimentConfig, context: CommandContext) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from pipelines.translation.model import (
     compile_model,
     load_training_model,
 )
-from shared.cli import CommandContext
+from shared.cli import CommandContext, write_predictions
 from shared.errors import DataError
 from shared.reports import write_report
 from shared.runs import write_json, write_text_atomic
@@ -252,14 +252,8 @@ def predict(config: TranslationConfig, context: CommandContext) -> dict[str, Any
     sentences = read_input_lines(context.args.input)
     model, tokenizers = load_trained(config, Path(context.run_dir))
     translations = build_translator(config, model, tokenizers).translate(sentences)
-    text = "".join(t + "\n" for t in translations)
-    if context.args.output == "-":
-        context.stdout.write(text)
-        context.stdout.flush()
-        return None
-    write_text_atomic(context.args.output, text)
-    logger.info("Wrote %d translations to %s", len(translations), context.args.output)
-    return {"translations": len(translations), "output": context.args.output}
+    text = "".join(translation + "\n" for translation in translations)
+    return write_predictions(context, text, len(translations), "translations")
 
 
 def tune(config: TranslationConfig, context: CommandContext) -> dict[str, Any]:

@@ -145,3 +145,30 @@ def test_every_command_has_help(command, tmp_path, capsys):
     code, _ = run([command, "--help"], tmp_path)
     assert code == 0
     assert "--preset" in capsys.readouterr().out
+
+
+def make_predict_context(tmp_path, output):
+    import argparse
+
+    from shared.cli import CommandContext
+
+    args = argparse.Namespace(output=output)
+    return CommandContext("toy", "predict", tmp_path, tmp_path, "default", args, io.StringIO())
+
+
+def test_write_predictions_to_stdout(tmp_path):
+    from shared.cli import write_predictions
+
+    context = make_predict_context(tmp_path, "-")
+    assert write_predictions(context, "a\nb\n", 2, "labels") is None
+    assert context.stdout.getvalue() == "a\nb\n"
+
+
+def test_write_predictions_to_file(tmp_path):
+    from shared.cli import write_predictions
+
+    context = make_predict_context(tmp_path, str(tmp_path / "out.txt"))
+    summary = write_predictions(context, "a\n", 1, "labels")
+    assert summary == {"labels": 1, "output": str(tmp_path / "out.txt")}
+    assert (tmp_path / "out.txt").read_text() == "a\n"
+    assert context.stdout.getvalue() == ""
