@@ -1506,7 +1506,14 @@ def summarize_search(search: StagedSearch, results: list[StageResult]) -> dict[s
     incumbent = best_record(records, tune.direction)
     best_path = None
     if incumbent is None:
-        logger.warning("No trial completed, so %s was not written.", search.run_dir / BEST_CONFIG)
+        over_limits = sum(r["status"] == COMPLETED and r.get("feasible") is False for r in records)
+        reason = (
+            f"all {over_limits} completed trials exceeded --max-size-kb or --max-latency-ms "
+            "(see size_kb and latency_ms in trials.csv); raise the limits or search smaller models"
+            if over_limits
+            else "no trial completed"
+        )
+        logger.warning("%s was not written: %s.", search.run_dir / BEST_CONFIG, reason)
     else:
         best_config = apply_hyperparameters(search.config, search.fields, incumbent["values"])
         best_path = save_config(best_config, search.run_dir / BEST_CONFIG)

@@ -296,6 +296,26 @@ def build_step_model(
     return keras.Model(inputs, outputs, name="decoder_step")
 
 
+def build_edge_model(model: keras.Model, config: TranslationModelConfig, max_length: int) -> keras.Model:
+    """Build a batch-1 model that encodes ``source_ids`` and runs the first decoder step.
+
+    Tuning's edge objective converts this model to measure a trial: its TFLite file holds
+    every weight that the exported encoder and decoder step hold together, and one call
+    costs the encoder plus one step. Each further target token adds one step.
+    """
+    encoder = build_encoder_model(model, config, max_length, 1)
+    step = build_step_model(model, config, max_length, 1)
+    source_ids = keras.Input(shape=(max_length,), batch_size=1, dtype="int32", name="source_ids")
+    previous_token = keras.Input(shape=(1,), batch_size=1, dtype="int32", name="previous_token")
+    encoded = encoder({"source_ids": source_ids})
+    step_outputs = step({"previous_token": previous_token, **encoded})
+    return keras.Model(
+        {"source_ids": source_ids, "previous_token": previous_token},
+        {"logits": step_outputs["logits"]},
+        name="edge_translation",
+    )
+
+
 def build_inference_models(model: keras.Model, config: TranslationModelConfig) -> InferenceModels:
     """Build the dynamic-shape encoder and step models used by greedy and beam search."""
     return InferenceModels(

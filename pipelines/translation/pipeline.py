@@ -22,6 +22,7 @@ from pipelines.translation.data import (
 )
 from pipelines.translation.decoding import DecodingLimits, Translator
 from pipelines.translation.model import (
+    build_edge_model,
     build_inference_models,
     build_training_model,
     compile_model,
@@ -288,7 +289,16 @@ def tune(config: TranslationConfig, context: CommandContext) -> dict[str, Any]:
         train_ds, val_ds, _ = make_datasets(trial_config, tokenizers, train_split, val_split)
         return train_ds, val_ds
 
-    return run_tuning(config, context, build_model=build_model, make_datasets=make_trial_datasets)
+    def build_export_model(trial_config: TranslationConfig, model):
+        return build_edge_model(model, trial_config.model, trial_config.export.max_source_length)
+
+    return run_tuning(
+        config,
+        context,
+        build_model=build_model,
+        make_datasets=make_trial_datasets,
+        build_export_model=build_export_model,
+    )
 
 
 def export(config: TranslationConfig, context: CommandContext) -> dict[str, Any]:

@@ -11,7 +11,12 @@ from pipelines.translation.export import (
     export_translation,
     prepare_source_rows,
 )
-from pipelines.translation.model import build_inference_models, build_training_model
+from pipelines.translation.model import (
+    build_edge_model,
+    build_inference_models,
+    build_training_model,
+)
+from shared.text import BOS_ID
 
 
 @pytest.fixture
@@ -53,3 +58,18 @@ def test_tflite_loop_equals_keras(untrained, tiny_config, tmp_path):
     assert entry["saved_model_exact_match_rate"] == 1.0
     assert (tmp_path / "export" / "target.model").is_file()
     assert np.isfinite(summary["decoder_step"]["variants"]["float32"]["latency_ms"])
+
+
+def test_edge_model_equals_first_step(untrained, tiny_config):
+    model, tokenizers, sentences = untrained
+    length = 8
+    rows = prepare_source_rows(tokenizers, sentences, length)
+    source_ids = np.zeros((1, length), dtype="int32")
+    source_ids[0, : len(rows[0])] = rows[0]
+    previous_token = np.array([[BOS_ID]], dtype="int32")
+    edge = build_edge_model(model, tiny_config.model, length)
+    logits = edge({"source_ids": source_ids, "previous_token": previous_token})["logits"]
+    models = build_inference_models(model, tiny_config.model)
+    encoded = models.encoder.predict({"source_ids": source_ids}, verbose=0)
+    expected = models.step.predict({"previous_token": previous_token, **encoded}, verbose=0)["logits"]
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-6)

@@ -1,5 +1,6 @@
 """End-to-end tests of the translation commands on the tiny corpus, and the real-data check."""
 
+import csv
 import io
 import json
 
@@ -135,3 +136,31 @@ def test_stdin_blank_lines_kept():
         buffer = io.BytesIO(b"a dog\n\nmen\n")
 
     assert read_input_lines("-", FakeStdin()) == ["a dog", "", "men"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("max_size_kb", "feasible"), [("1", "False"), ("100000", "True")])
+def test_tune_edge_limit(tiny_config, tmp_path, max_size_kb, feasible):
+    run_dir = tmp_path / "tune"
+    code, output = run(
+        {"tiny": tiny_config},
+        "tune",
+        "--preset",
+        "tiny",
+        "--run-dir",
+        str(run_dir),
+        "--data-dir",
+        str(tmp_path),
+        "--max-trials",
+        "1",
+        "--stage",
+        "learning_rate",
+        "--max-size-kb",
+        max_size_kb,
+    )
+    assert code == 0
+    with open(run_dir / "trials.csv", newline="", encoding="utf-8") as handle:
+        (trial,) = list(csv.DictReader(handle))
+    assert float(trial["size_kb"]) > 1.0
+    assert trial["feasible"] == feasible
+    assert (run_dir / "best.yaml").exists() == (feasible == "True")
