@@ -3,7 +3,7 @@
 Conventions:
 
 - ``train --strategy`` picks the strategy: ``default`` (one device), ``mirrored`` (every
-  local GPU, `tf.distribute.MirroredStrategy`) or ``multi-worker``
+  local GPU, else the CPU; `tf.distribute.MirroredStrategy`) or ``multi-worker``
   (`tf.distribute.MultiWorkerMirroredStrategy`, configured through the ``TF_CONFIG``
   environment variable). The CLI creates the strategy before any other TensorFlow op and
   runs the whole command inside ``strategy.scope()``, so pipelines build and compile their
@@ -138,7 +138,9 @@ def build_strategy(name: str):
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        strategy = tf.distribute.MirroredStrategy()
+        # Every GPU; without one, every logical CPU device (one, unless the process split it).
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
     elif name == "multi-worker":
         tf_config = read_tf_config()
         if not tf_config:

@@ -261,3 +261,32 @@ def test_two_workers_equal_weights(tmp_path):
     assert (run_dir / "checkpoints" / "best.keras").is_file()
     assert len(read_history(run_dir / "history.csv")) == 2
     assert not (run_dir / "backup").exists()
+
+
+@pytest.mark.slow
+def test_mirrored_two_replicas(tmp_path):
+    run_dir = tmp_path / "run"
+    argv = [
+        sys.executable,
+        str(TOY_PIPELINE),
+        "--logical-cpus",
+        "2",
+        "train",
+        "--strategy",
+        "mirrored",
+        "--run-dir",
+        str(run_dir),
+        "--data-dir",
+        str(tmp_path),
+        "--log-level",
+        "INFO",
+    ]
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    finished = subprocess.run(
+        argv, capture_output=True, env=environment, text=True, timeout=TIMEOUT_S, check=False
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "Strategy mirrored with 2 replicas in sync" in finished.stderr
+    assert json.loads(finished.stdout)["epochs_run"] == 2
+    assert np.isfinite(np.load(run_dir / "weights.npy")).all()
+    assert (run_dir / "model.keras").is_file()

@@ -1,7 +1,7 @@
 """A tiny pipeline on random sequences, run as a subprocess by the tuning and distribution tests.
 
-Usage: ``python tests/shared/toy_pipeline.py <train|tune> [flags]`` with the repository
-root on ``PYTHONPATH``. ``train`` writes ``weights.npy`` (all weights, flattened) into
+Usage: ``python tests/shared/toy_pipeline.py [--logical-cpus N] <train|tune> [flags]`` with
+the repository root on ``PYTHONPATH``; ``--logical-cpus`` splits the CPU into N devices. ``train`` writes ``weights.npy`` (all weights, flattened) into
 its run directory so that tests can compare the workers of a multi-worker run.
 """
 
@@ -113,4 +113,12 @@ PRESETS = {"default": ToyConfig()}
 COMMANDS = {"train": train, "tune": tune}
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--logical-cpus":
+        # Split the CPU into replicas for MirroredStrategy, before TensorFlow starts.
+        count = int(sys.argv.pop(2))
+        sys.argv.pop(1)
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
+        )
     sys.exit(run_cli("toy", PRESETS, COMMANDS, description="Toy pipeline for tests."))
