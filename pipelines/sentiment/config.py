@@ -103,6 +103,8 @@ class ModelConfig(RecurrentConfig):
         class_weights: weight the loss by inverse class frequency; ``auto`` turns it on
             when the largest class is more than ``imbalance_ratio`` times the smallest.
         imbalance_ratio: the ratio at which ``auto`` turns class weights on.
+        members: number of classifiers trained on their own (seeds ``train.seed + k``, the
+            same split and tokenizer) and averaged into one model; 1 trains one classifier.
         init_from: run directory of a trained sentiment model. Its tokenizer replaces
             tokenizer training, and every layer whose name and weight shapes match starts
             from its weights (transfer learning, e.g. from IMDB to SST). None trains
@@ -121,10 +123,12 @@ class ModelConfig(RecurrentConfig):
     head_dropout: float = 0.3
     class_weights: str = "auto"
     imbalance_ratio: float = 1.5
+    members: int = 1
     init_from: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_range("model.members", self.members, 1, 16)
         check_range("model.embedding_dim", self.embedding_dim, 1, 8192)
         check_range("model.embedding_dropout", self.embedding_dropout, 0.0, 1.0, high_inclusive=False)
         check_choice("model.pooling", self.pooling, POOLINGS)

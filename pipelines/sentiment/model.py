@@ -70,6 +70,7 @@ def build_classifier(
     *,
     timesteps: int | None = None,
     batch_size: int | None = None,
+    name: str = "sentiment_classifier",
 ) -> keras.Model:
     """Build the uncompiled classifier from ``token_ids`` to ``probabilities``.
 
@@ -79,6 +80,7 @@ def build_classifier(
         num_classes: number of labels (2 or more).
         timesteps: fixed input length, or None for any length.
         batch_size: fixed batch size, or None.
+        name: the model's name; ensemble members are ``member_<k>``.
 
     Returns:
         A functional model with layers named ``embedding``, ``recurrent_<i>``,
@@ -95,7 +97,37 @@ def build_classifier(
         encoded = MaskedAttentionPooling(config.attention_units, name="attention_pooling")(encoded, padding_mask)
     encoded = keras.layers.Dropout(config.head_dropout, name="head_dropout")(encoded)
     probabilities = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(encoded)
-    return keras.Model(token_ids, probabilities, name="sentiment_classifier")
+    return keras.Model(token_ids, probabilities, name=name)
+
+
+def build_ensemble(
+    config: ModelConfig,
+    members: Sequence[keras.Model],
+    vocab_size: int,
+    num_classes: int,
+    *,
+    timesteps: int | None = None,
+    batch_size: int | None = None,
+) -> keras.Model:
+    """Join trained classifiers into one model that averages their probabilities.
+
+    Each member becomes a nested model ``member_<k>`` (built by `build_classifier`) holding
+    a copy of its weights, so `list_members` finds them again in the saved model.
+    """
+    token_ids = keras.Input((timesteps,), batch_size=batch_size, dtype="int32", name="token_ids")
+    outputs = []
+    for index, trained in enumerate(members):
+        member = build_classifier(config, vocab_size, num_classes, timesteps=timesteps, batch_size=batch_size,
+                                  name=f"member_{index}")
+        member.set_weights(trained.get_weights())
+        outputs.append(member(token_ids))
+    probabilities = keras.layers.Average(name="probabilities")(outputs)
+    return keras.Model(token_ids, probabilities, name="sentiment_ensemble")
+
+
+def list_members(model: keras.Model) -> list[keras.Model]:
+    """Return the member classifiers of an ensemble, or ``[model]`` for a single classifier."""
+    return [layer for layer in model.layers if isinstance(layer, keras.Model)] or [model]
 
 
 def compile_classifier(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> keras.Model:

@@ -27,6 +27,7 @@ from pipelines.sentiment.data import (
 from pipelines.sentiment.evaluation import compute_classification_metrics, write_evaluation_report
 from pipelines.sentiment.model import (
     build_classifier,
+    build_ensemble,
     compile_classifier,
     compute_probabilities,
     copy_matching_weights,
@@ -35,7 +36,7 @@ from shared.cli import CommandContext, write_predictions
 from shared.errors import DataError
 from shared.runs import read_json, write_json
 from shared.text import SentencePieceTokenizer, load_sentencepiece, train_sentencepiece
-from shared.training import build_optimizer, train_model
+from shared.training import build_optimizer, set_seeds, train_model
 
 logger = logging.getLogger(__name__)
 
@@ -183,25 +184,78 @@ def build_compiled_model(config: SentimentConfig, vocab_size: int, num_classes: 
 
 
 def train(config: SentimentConfig, context: CommandContext) -> dict[str, Any]:
-    """Train the tokenizer and the classifier; write the run directory."""
+    """Train the tokenizer and the classifier (or each ensemble member); write the run directory.
+
+    With ``model.members`` above 1, member ``k`` trains on its own under
+    ``members/member{k}/`` with seed ``train.seed + k`` (weights, dropout and shuffling), on
+    the same split and tokenizer. The members are then joined into one averaging model saved
+    as ``model.keras``. A rerun keeps every member that finished and trains the others.
+    """
     run_dir = context.run_dir
     splits = load_splits(config.data, context.data_dir, config.train.seed)
     tokenizer = prepare_tokenizer(config, splits["train"], run_dir)
     label_names = splits["train"].label_names
     write_json(run_dir / LABELS_FILE, {"label_names": list(label_names), "tokenizer_sha256": tokenizer.sha256})
-    train_ds, val_ds, steps = make_training_datasets(config, encode_training_splits(config, splits, tokenizer))
-    model = build_compiled_model(config, tokenizer.vocab_size, len(label_names), steps)
-    if config.model.init_from:
-        initialize_from_run(model, Path(config.model.init_from))
-    logger.info("Model has %d parameters", model.count_params())
-    validation_batches = math.ceil(len(splits["validation"]) / config.train.batch_size)
-    train_config = dataclasses.replace(config.train, steps_per_epoch=steps, validation_steps=min(
-        config.train.validation_steps or validation_batches, validation_batches))
-    metrics = train_model(model, train_ds, val_ds, train_config, run_dir, monitor="val_accuracy", mode="max",
-                          num_train_samples=len(splits["train"]), verbose=2)
+    encoded = encode_training_splits(config, splits, tokenizer)
+    if config.model.members == 1:
+        _, metrics = train_classifier(config, encoded, tokenizer.vocab_size, run_dir)
+    else:
+        metrics = train_ensemble(config, encoded, tokenizer.vocab_size, run_dir)
     metrics["model_bytes"] = (run_dir / "model.keras").stat().st_size
     write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def train_classifier(config: SentimentConfig, encoded: dict[str, Any], vocab_size: int, run_dir: Path):
+    """Train one classifier into ``run_dir``; return it with its metrics."""
+    train_ds, val_ds, steps = make_training_datasets(config, encoded)
+    model = build_compiled_model(config, vocab_size, encoded["num_classes"], steps)
+    if config.model.init_from:
+        initialize_from_run(model, Path(config.model.init_from))
+    logger.info("Model has %d parameters", model.count_params())
+    validation_batches = math.ceil(len(encoded["validation"][1]) / config.train.batch_size)
+    train_config = dataclasses.replace(config.train, steps_per_epoch=steps, validation_steps=min(
+        config.train.validation_steps or validation_batches, validation_batches))
+    metrics = train_model(model, train_ds, val_ds, train_config, run_dir, monitor="val_accuracy", mode="max",
+                          num_train_samples=len(encoded["train"][1]), verbose=2)
+    return model, metrics
+
+
+def train_ensemble(config: SentimentConfig, encoded: dict[str, Any], vocab_size: int, run_dir: Path) -> dict[str, Any]:
+    """Train or reload each member, join them, save ``model.keras``; return the metrics."""
+    members, member_metrics = [], []
+    for index in range(config.model.members):
+        member_dir = run_dir / "members" / f"member{index}"
+        seed = config.train.seed + index
+        if is_finished_member(member_dir):
+            logger.info("Member %d of %d already trained; reusing %s", index + 1, config.model.members, member_dir)
+            model, metrics = keras.saving.load_model(member_dir / "model.keras"), read_json(member_dir / "metrics.json")
+        else:
+            logger.info("Training ensemble member %d of %d in %s", index + 1, config.model.members, member_dir)
+            member_dir.mkdir(parents=True, exist_ok=True)
+            set_seeds(seed)
+            member_config = dataclasses.replace(
+                config, model=dataclasses.replace(config.model, members=1),
+                train=dataclasses.replace(config.train, seed=seed))
+            model, metrics = train_classifier(member_config, encoded, vocab_size, member_dir)
+            write_json(member_dir / "metrics.json", metrics)
+        members.append(model)
+        member_metrics.append(metrics)
+    ensemble = build_ensemble(config.model, members, vocab_size, encoded["num_classes"])
+    ensemble.save(run_dir / "model.keras")
+    logger.info("Wrote %s", run_dir / "model.keras")
+    token_ids, labels = encoded["validation"]
+    accuracy = float(np.mean(np.argmax(compute_probabilities(ensemble, token_ids), axis=-1) == labels))
+    logger.info("Ensemble validation accuracy %.4f; members %s", accuracy,
+                [round(m["best"], 4) for m in member_metrics])
+    return {"members": member_metrics, "val_accuracy": accuracy, "parameters": int(ensemble.count_params()),
+            "train_seconds": round(sum(m["train_seconds"] for m in member_metrics), 2)}
+
+
+def is_finished_member(member_dir: Path) -> bool:
+    """Return whether a member finished training: model and metrics written, no backup left."""
+    return ((member_dir / "model.keras").is_file() and (member_dir / "metrics.json").is_file()
+            and not (member_dir / "backup").exists())
 
 
 def evaluate(config: SentimentConfig, context: CommandContext) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from pipelines.sentiment.data import (
     encode_texts,
     pad_batch,
 )
-from pipelines.sentiment.model import compute_probabilities
+from pipelines.sentiment.model import compute_probabilities, list_members
 from shared.errors import ExportError
 from shared.export import export_saved_model, export_tflite_variants, write_export_report
 from shared.padding import PAD_ID
@@ -112,7 +112,17 @@ def run_recurrent_layer_unrolled(layer: keras.layers.Layer, steps: Sequence, ste
 
 
 def compute_unrolled_probabilities(model: keras.Model, token_ids: tf.Tensor) -> tf.Tensor:
-    """Return the classifier's probabilities for fixed-length ``token_ids`` without recurrent loops."""
+    """Return the model's probabilities for fixed-length ``token_ids`` without recurrent loops.
+
+    For an ensemble, the mean of its members' probabilities, as its ``Average`` layer computes.
+    """
+    members = list_members(model)
+    outputs = [compute_classifier_unrolled(member, token_ids) for member in members]
+    return outputs[0] if len(outputs) == 1 else tf.add_n(outputs) / float(len(outputs))
+
+
+def compute_classifier_unrolled(model: keras.Model, token_ids: tf.Tensor) -> tf.Tensor:
+    """Return one classifier's probabilities for fixed-length ``token_ids`` without recurrent loops."""
     timesteps = token_ids.shape[1]
     padding_mask = tf.not_equal(token_ids, PAD_ID)
     embedded = model.get_layer("embedding")(token_ids)

@@ -130,6 +130,57 @@ def test_tune_one_stage(trained_run, tmp_path):
     assert (tmp_path / "tune" / "best.yaml").is_file()
 
 
+@pytest.fixture(scope="module")
+def ensemble_run(trained_run):
+    """Train a 2-member ensemble of the tiny preset on the same synthetic CSV."""
+    folder = trained_run["folder"]
+    run_dir = folder / "ensemble"
+    settings = ["--set", "data.dataset=csv", "--set", f"data.train_file={folder / 'train.csv'}",
+                "--set", f"data.test_file={folder / 'test.csv'}", "--set", "data.vocab_size=300",
+                "--set", "data.max_length=16", "--set", "train.epochs=2", "--set", "model.members=2",
+                "--data-dir", str(folder)]
+    code, output = cli("train", run_dir, *settings)
+    assert code == 0
+    return {"run_dir": run_dir, "metrics": json.loads(output), "folder": folder, "settings": settings}
+
+
+@pytest.mark.slow
+def test_ensemble_averages_members(ensemble_run):
+    import keras
+
+    import pipelines.sentiment.model as model_module
+
+    run_dir = ensemble_run["run_dir"]
+    assert len(ensemble_run["metrics"]["members"]) == 2
+    ensemble = keras.saving.load_model(run_dir / "model.keras")
+    members = model_module.list_members(ensemble)
+    token_ids = np.array([[5, 9, 14, 3, 0, 0], [7, 2, 0, 0, 0, 0]], dtype="int32")
+    expected = np.mean([np.asarray(member(token_ids)) for member in members], axis=0)
+    assert len(members) == 2
+    np.testing.assert_allclose(np.asarray(ensemble(token_ids)), expected, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ensemble_rerun_keeps_members(ensemble_run):
+    run_dir = ensemble_run["run_dir"]
+    member_model = run_dir / "members" / "member1" / "model.keras"
+    written = member_model.stat().st_mtime_ns
+    code, output = cli("train", run_dir, *ensemble_run["settings"])
+    assert code == 0
+    assert member_model.stat().st_mtime_ns == written
+    assert json.loads(output)["val_accuracy"] == ensemble_run["metrics"]["val_accuracy"]
+
+
+@pytest.mark.slow
+def test_ensemble_export_parity(ensemble_run):
+    run_dir = ensemble_run["run_dir"]
+    code, _ = cli("export", run_dir, "--data-dir", str(ensemble_run["folder"]), "--variants", "float32")
+    assert code == 0
+    report = json.loads((run_dir / "export" / "export_report.json").read_text())
+    assert report["classifier"]["variants"]["float32"]["max_abs_diff"]["probabilities"] <= 1e-4
+    assert report["text_savedmodel"]["status"] == "passed"
+
+
 @pytest.mark.parametrize("truncation", ["head", "tail", "head_tail"])
 def test_ragged_truncation_matches_python(truncation):
     config = DataConfig(max_length=5, truncation=truncation, head_fraction=0.4)
