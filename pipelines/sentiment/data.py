@@ -491,8 +491,23 @@ def compute_class_weights(labels: np.ndarray, num_classes: int, mode: str, imbal
     return (counts.sum() / (num_classes * counts)).astype(np.float32)
 
 
+def read_maybe_gzipped(path: Path) -> bytes:
+    """Return the bytes of ``path``, decompressed when its name ends in ``.gz``.
+
+    Raises:
+        DataError: a ``.gz`` file is not valid gzip.
+    """
+    if path.suffix != ".gz":
+        return path.read_bytes()
+    try:
+        return gzip.decompress(path.read_bytes())
+    except (gzip.BadGzipFile, EOFError) as error:
+        raise DataError(f"{path}: not a valid gzip file ({error}); compress it again, or drop the .gz "
+                        "suffix if it is plain text.") from error
+
+
 def read_input_lines(path: str) -> tuple[str, list[tuple[int, str]]]:
-    """Read texts to classify, one per line, from a file or standard input (``-``).
+    """Read texts to classify, one per line, from a file (plain or ``.gz``) or standard input (``-``).
 
     Returns:
         The source name for messages and ``(line number, text)`` pairs.
@@ -504,7 +519,7 @@ def read_input_lines(path: str) -> tuple[str, list[tuple[int, str]]]:
     if path == "-":
         raw = sys.stdin.buffer.read()
     elif Path(path).is_file():
-        raw = Path(path).read_bytes()
+        raw = read_maybe_gzipped(Path(path))
     else:
         raise DataError(f"{path}: input file not found; pass an existing file to --input, or - for standard input.")
     lines = []

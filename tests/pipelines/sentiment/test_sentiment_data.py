@@ -1,5 +1,6 @@
 """Tests of the sentiment data layer: safe archive reading, file formats, splits and truncation."""
 
+import gzip
 import io
 import tarfile
 from pathlib import Path
@@ -272,3 +273,16 @@ def test_input_lines_numbers(tmp_path):
     path = tmp_path / "reviews.txt"
     path.write_text("good\nbad\n", encoding="utf-8")
     assert read_input_lines(str(path))[1] == [(1, "good"), (2, "bad")]
+
+
+def test_input_lines_gzipped(tmp_path):
+    path = tmp_path / "inputs.txt.gz"
+    path.write_bytes(gzip.compress("good\nbad\n".encode("utf-8")))
+    assert read_input_lines(str(path))[1] == [(1, "good"), (2, "bad")]
+
+
+def test_input_lines_bad_gzip(tmp_path):
+    path = tmp_path / "inputs.txt.gz"
+    path.write_bytes(b"good\n")
+    with pytest.raises(DataError, match="not a valid gzip file"):
+        read_input_lines(str(path))
