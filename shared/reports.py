@@ -92,13 +92,16 @@ def write_report(
     Args:
         run_dir: the run directory; artifact paths are shown relative to it.
         title: the report heading.
-        metrics: metric name -> value (one level of nesting allowed).
+        metrics: metric name -> value (one level of nesting allowed); when empty, the
+            report has no Metrics section (a pipeline may give its own table in ``sections``).
         config: the resolved config dataclass.
         artifacts: files to list (missing ones are skipped).
         sections: extra Markdown sections, heading -> body, in order.
     """
     run_dir = Path(run_dir)
-    parts = [f"# {title}", "", "## Metrics", "", format_metrics_table(metrics), ""]
+    parts = [f"# {title}", ""]
+    if metrics:
+        parts += ["## Metrics", "", format_metrics_table(metrics), ""]
     for heading, body in (sections or {}).items():
         parts += [f"## {heading}", "", body.rstrip(), ""]
     listed = []

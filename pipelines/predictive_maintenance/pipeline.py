@@ -317,7 +317,9 @@ def load_trained(run_dir: Path) -> tuple[keras.Model, SensorPreprocessor]:
             f"{model_path} not found; run `python -m pipelines.predictive_maintenance train "
             f"--run-dir {run_dir}` first."
         )
-    return keras.models.load_model(model_path), load_preprocessor(run_dir / PREPROCESSING_FILE)
+    # Uncompiled: evaluate, predict and export only run the model forward.
+    model = keras.models.load_model(model_path, compile=False)
+    return model, load_preprocessor(run_dir / PREPROCESSING_FILE)
 
 
 def predict_windows(model: keras.Model, windows: EngineWindows) -> np.ndarray:
@@ -463,16 +465,13 @@ def evaluate(config: PredictiveMaintenanceConfig, context: CommandContext) -> di
             metrics["engines"],
         )
     write_json(context.run_dir / "evaluation.json", results)
-    sections = {"Results per subset": format_subset_table(results)}
+    sections = {"Results per set": format_subset_table(results)}
     if (context.run_dir / "metrics.json").is_file():
-        training = read_json(context.run_dir / "metrics.json")
-        sections["Training"] = format_metrics_table(
-            {k: v for k, v in training.items() if k != "final"}
-        )
+        sections["Training"] = format_training_summary(read_json(context.run_dir / "metrics.json"))
     write_report(
         context.run_dir,
         "Predictive maintenance: evaluation",
-        results,
+        {},  # The per-set table below holds every metric of evaluation.json.
         config,
         artifacts=sorted(plots_dir.glob("*.png")) if plots_dir.is_dir() else [],
         sections=sections,
@@ -481,15 +480,42 @@ def evaluate(config: PredictiveMaintenanceConfig, context: CommandContext) -> di
 
 
 def format_subset_table(results: dict[str, dict[str, Any]]) -> str:
-    """Format one Markdown row per evaluated set: engines, RMSE, NASA score, MAE."""
-    lines = ["| set | engines | RMSE | NASA score | MAE |", "|---|---:|---:|---:|---:|"]
+    """Format one Markdown row per evaluated set with every metric it has ("-" where absent)."""
+    columns = [
+        ("engines", "engines", "{:d}"),
+        ("rmse", "RMSE", "{:.2f}"),
+        ("rmse_capped_truth", "RMSE, truth capped", "{:.2f}"),
+        ("nasa_score", "NASA score", "{:.1f}"),
+        ("mae", "MAE", "{:.2f}"),
+        ("mean_error", "mean error", "{:+.2f}"),
+        ("short_engines_padded", "short engines padded", "{:d}"),
+        ("windows", "windows", "{:d}"),
+    ]
+    shown = [c for c in columns if any(c[0] in metrics for metrics in results.values())]
+    lines = [
+        "| set | " + " | ".join(title for _, title, _ in shown) + " |",
+        "|---|" + "---:|" * len(shown),
+    ]
     for name, metrics in results.items():
-        score = metrics.get("nasa_score")
-        score_text = "-" if score is None else f"{score:.1f}"
-        lines.append(
-            f"| {name} | {metrics['engines']} | {metrics['rmse']:.2f} | {score_text} | {metrics['mae']:.2f} |"
-        )
+        cells = [fmt.format(metrics[key]) if key in metrics else "-" for key, _, fmt in shown]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_training_summary(training: dict[str, Any]) -> str:
+    """Format training metrics, with one row per ensemble member when there are members."""
+    scalars = {k: v for k, v in training.items() if k not in ("final", "members")}
+    text = format_metrics_table(scalars)
+    members = training.get("members")
+    if members:
+        rows = ["| member | epochs run | best epoch | best validation loss | seconds |", "|---|---:|---:|---:|---:|"]
+        for index, member in enumerate(members):
+            rows.append(
+                f"| {index} | {member.get('epochs_run', '-')} | {member.get('best_epoch', '-')} | "
+                f"{member.get('best', float('nan')):.5f} | {member.get('train_seconds', '-')} |"
+            )
+        text += "\n\n" + "\n".join(rows)
+    return text
 
 
 # ---------------------------------------------------------------------------

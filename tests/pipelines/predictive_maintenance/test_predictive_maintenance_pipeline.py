@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 from pipelines.predictive_maintenance.config import PRESETS
-from pipelines.predictive_maintenance.pipeline import COMMANDS
+from pipelines.predictive_maintenance.pipeline import (
+    COMMANDS,
+    format_subset_table,
+    format_training_summary,
+)
 from shared.cli import run_cli
 
 
@@ -53,7 +57,9 @@ def test_evaluate_keeps_short_engine(trained_run):
     assert np.isfinite(results["FD001"]["rmse"])
     assert (run_dir / "plots" / "FD001_predicted_vs_true.png").is_file()
     assert (run_dir / "plots" / "FD001_trajectories.png").is_file()
-    assert "| FD001 | 4 |" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "| FD001 | 4 |" in report
+    assert "## Metrics" not in report
 
 
 def test_evaluate_limit(trained_run):
@@ -189,3 +195,19 @@ def test_tiny_fd001_train_evaluate(data_dir, tmp_path):
     assert code == 0
     assert results["FD001"]["engines"] == 100
     assert np.isfinite(results["FD001"]["nasa_score"])
+
+
+def test_report_lists_each_metric_once():
+    results = {"FD001": {"engines": 3, "rmse": 12.5, "mae": 9.0, "nasa_score": 210.0, "mean_error": -1.5}}
+    table = format_subset_table(results)
+    assert table.splitlines()[2] == "| FD001 | 3 | 12.50 | 210.0 | 9.00 | -1.50 |"
+
+
+def test_training_summary_member_rows():
+    training = {
+        "train_seconds": 12.0,
+        "members": [{"epochs_run": 4, "best_epoch": 2, "best": 0.01, "train_seconds": 6.0}] * 2,
+    }
+    text = format_training_summary(training)
+    assert "| 1 | 4 | 2 | 0.01000 | 6.0 |" in text
+    assert "'epochs_run'" not in text
