@@ -197,8 +197,10 @@ def run_cli(
     except (ConfigError, DataError) as error:
         logger.error("%s", error)
         return EXIT_USAGE
-    logger.info("Resolved config for %s %s:\n%s", pipeline, args.command,
-                yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip())
+    # One line at INFO, so that an error further down stays visible; the whole config at DEBUG.
+    logger.info("Config for %s %s: preset %s, files %s, overrides %s", pipeline, args.command, args.preset,
+                args.config or "none", args.overrides or "none")
+    logger.debug("Resolved config:\n%s", yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip())
     if args.command == "train":
         logger.info("Saved config to %s", save_config(config, run_dir / "config.yaml"))
     context = CommandContext(pipeline, args.command, run_dir, resolve_data_dir(args.data_dir), args.preset, args,
