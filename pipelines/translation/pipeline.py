@@ -162,7 +162,17 @@ def evaluate(config: TranslationConfig, context: CommandContext) -> dict[str, An
         "beam_size": config.model.beam_size,
         **score_translations(hypotheses, references, language),
         "greedy_bleu": score_translations(greedy, references, language)["bleu"],
+        "empty_translations": sum(not h.strip() for h in hypotheses),
     }
+    sections = {}
+    if metrics["empty_translations"] > len(hypotheses) // 2:
+        note = (
+            f"{metrics['empty_translations']} of {len(hypotheses)} translations are empty: the model "
+            "ends most sentences at once, which an undertrained model does (the tiny preset trains "
+            "for seconds to check a set-up). Train with the default preset for real translations."
+        )
+        logger.warning("%s", note)
+        sections["Warning"] = note
     write_text_atomic(
         run_dir / f"translations_{split_name}.txt", "".join(h + "\n" for h in hypotheses)
     )
@@ -180,6 +190,7 @@ def evaluate(config: TranslationConfig, context: CommandContext) -> dict[str, An
             "learning_curves.png",
         ],
         sections={
+            **sections,
             "sacreBLEU signature": f"`{metrics['bleu_signature']}`",
             "Sample translations": format_samples(sources, references, hypotheses),
             "Attention": f"![attention]({heatmap.name})",

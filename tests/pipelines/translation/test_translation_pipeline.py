@@ -65,7 +65,11 @@ def test_train_evaluate_predict(tiny_config, tmp_path):
         str(tmp_path),
     )
     assert code == 0
-    assert set(json.loads(output)) >= {"bleu", "chrf", "greedy_bleu"}
+    result = json.loads(output)
+    assert set(result) >= {"bleu", "chrf", "greedy_bleu"}
+    assert 0 <= result["empty_translations"] <= result["sentences"]
+    report = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert ("## Warning" in report) == (result["empty_translations"] > result["sentences"] // 2)
     assert (run_dir / "attention_test.png").is_file()
     assert "Sample translations" in (run_dir / "report.md").read_text(encoding="utf-8")
     sentences = tmp_path / "input.txt"
