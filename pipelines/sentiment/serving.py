@@ -37,7 +37,7 @@ from pipelines.sentiment.data import (
 )
 from pipelines.sentiment.model import compute_probabilities, list_members
 from shared.errors import ExportError
-from shared.export import export_saved_model, export_tflite_variants, write_export_report
+from shared.export import export_saved_model, export_tflite_variants, load_export_report, write_export_report
 from shared.padding import PAD_ID
 from shared.text import SentencePieceTokenizer
 
@@ -325,7 +325,7 @@ def export_all(
     )  # fmt: skip
     check_int8_accuracy(tflite_entry)
     logger.info("Export finished in %.1f s: %s", time.monotonic() - started, export_dir)
-    return {"export_dir": str(export_dir), "text_savedmodel": text_entry, "tflite": summarize_tflite(tflite_entry)}
+    return {"export_dir": str(export_dir), **load_export_report(export_dir)}
 
 
 def check_int8_accuracy(entry: dict[str, Any]) -> None:
@@ -346,11 +346,3 @@ def check_int8_accuracy(entry: dict[str, Any]) -> None:
             f"(allowed {MAX_INT8_ACCURACY_DROP_POINTS:g}); raise export.representative_samples "
             "for calibration, or ship the dynamic_range or float16 model."
         )
-
-
-def summarize_tflite(entry: dict[str, Any]) -> dict[str, Any]:
-    """Return size, latency, accuracy and status per TFLite variant, for the command's output."""
-    summary = {"keras_accuracy": entry["keras_metric"]}
-    for variant, result in entry["variants"].items():
-        summary[variant] = {key: result.get(key) for key in ("size_bytes", "latency_ms", "metric", "status")}
-    return summary

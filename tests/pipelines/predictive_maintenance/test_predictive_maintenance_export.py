@@ -170,7 +170,7 @@ def test_export_command_reports_rmse(tmp_path, cmapss_writer):
     )
     assert code == 0
     summary = json.loads(stdout.getvalue())
-    assert summary["streaming_vs_window_max_abs_diff"] <= 1e-4
+    assert summary[STREAMING]["streaming_vs_window_max_abs_diff"] <= 1e-4
     report = json.loads((run_dir / "export" / "export_report.json").read_text())
     for name in (WINDOW, STREAMING):
         for variant in ("float32", "float16"):
@@ -194,4 +194,4 @@ def test_ensemble_train_and_export(tmp_path, cmapss_writer):
     export_argv = ["export", *common, "--variants", "float32"]
     code = run_cli("predictive_maintenance", PRESETS, COMMANDS, argv=export_argv, stdout=stdout)
     assert code == 0
-    assert json.loads(stdout.getvalue())["streaming_vs_window_max_abs_diff"] <= 1e-4
+    assert json.loads(stdout.getvalue())[STREAMING]["streaming_vs_window_max_abs_diff"] <= 1e-4
