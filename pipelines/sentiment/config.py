@@ -16,7 +16,7 @@ from shared.errors import ConfigError
 
 DATASETS = ("imdb", "sst2", "sst5", "csv")
 TRUNCATIONS = ("head", "tail", "head_tail")
-POOLINGS = ("attention", "last_state")
+POOLINGS = ("attention", "max", "last_state")
 CLASS_WEIGHT_MODES = ("auto", "on", "off")
 
 
@@ -96,8 +96,9 @@ class ModelConfig(RecurrentConfig):
     Attributes:
         embedding_dim: size of each token embedding.
         embedding_dropout: dropout on whole embedding channels (SpatialDropout1D).
-        pooling: ``attention`` (a learned weighted mean over real steps) or
-            ``last_state`` (the final state of each direction).
+        pooling: ``attention`` (a learned weighted mean over real steps), ``max`` (the
+            largest value of each feature over real steps) or ``last_state`` (the final
+            state of each direction).
         attention_units: hidden size of the attention scorer.
         head_dropout: dropout between the pooled vector and the softmax layer.
         class_weights: weight the loss by inverse class frequency; ``auto`` turns it on

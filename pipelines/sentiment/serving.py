@@ -133,8 +133,11 @@ def compute_classifier_unrolled(model: keras.Model, token_ids: tf.Tensor) -> tf.
     last = None
     for name in layer_names:
         steps, last = run_recurrent_layer_unrolled(model.get_layer(name), steps, step_mask)
-    if any(layer.name == "attention_pooling" for layer in model.layers):
+    names = {layer.name for layer in model.layers}
+    if "attention_pooling" in names:
         pooled = pool_attention_bounded(model.get_layer("attention_pooling"), tf.stack(steps, axis=1), padding_mask)
+    elif "max_pooling" in names:
+        pooled = model.get_layer("max_pooling")(tf.stack(steps, axis=1), padding_mask)
     else:
         pooled = last
     return model.get_layer("probabilities")(pooled)

@@ -10,6 +10,7 @@ import tensorflow as tf
 from pipelines.sentiment.config import ModelConfig
 from pipelines.sentiment.model import (
     MaskedAttentionPooling,
+    MaskedMaxPooling,
     build_classifier,
     compute_probabilities,
     copy_matching_weights,
@@ -28,6 +29,7 @@ def build_tiny(**changes) -> keras.Model:
     [
         {},
         {"pooling": "last_state"},
+        {"pooling": "max"},
         {"cell": "gru", "layers": 2},
         {"bidirectional": False, "cell": "simple_rnn"},
     ],
@@ -75,6 +77,7 @@ def test_attention_pooling_by_hand():
     [
         {},
         {"pooling": "last_state"},
+        {"pooling": "max"},
         {"cell": "gru", "layers": 2},
         {"bidirectional": False},
     ],
@@ -85,6 +88,13 @@ def test_unrolled_matches_keras(changes):
     expected = np.asarray(model(token_ids))
     unrolled = np.asarray(compute_unrolled_probabilities(model, tf.constant(token_ids)))
     np.testing.assert_allclose(unrolled, expected, atol=1e-6)
+
+
+def test_max_pooling_ignores_padding():
+    sequences = np.array([[[1.0, -2.0], [3.0, -1.0], [9.0, 9.0]]], dtype=np.float32)
+    mask = np.array([[True, True, False]])
+    pooled = np.asarray(MaskedMaxPooling()(sequences, mask))
+    np.testing.assert_array_equal(pooled[0], [3.0, -1.0])
 
 
 def test_copy_weights_skips_mismatch():
