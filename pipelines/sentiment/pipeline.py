@@ -61,7 +61,9 @@ def prepare_tokenizer(config: SentimentConfig, train: LabeledTexts, run_dir: Pat
     if config.model.init_from:
         return copy_tokenizer(Path(config.model.init_from), run_dir)
     model_path = run_dir / TOKENIZER_DIR / f"{TOKENIZER_NAME}.model"
-    if model_path.is_file() and (run_dir / "backup").exists():
+    # An interrupted run leaves backup/ (one classifier) or members/ (an ensemble), whose
+    # weights index this tokenizer's pieces.
+    if model_path.is_file() and ((run_dir / "backup").exists() or (run_dir / "members").exists()):
         logger.info("Resuming: reusing the tokenizer %s", model_path)
         return load_sentencepiece(model_path)
     texts = train.texts

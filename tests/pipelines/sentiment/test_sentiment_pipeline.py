@@ -164,10 +164,13 @@ def test_ensemble_averages_members(ensemble_run):
 def test_ensemble_rerun_keeps_members(ensemble_run):
     run_dir = ensemble_run["run_dir"]
     member_model = run_dir / "members" / "member1" / "model.keras"
+    tokenizer = run_dir / "tokenizer" / "spm.model"
     written = member_model.stat().st_mtime_ns
+    tokenizer_written = tokenizer.stat().st_mtime_ns
     code, output = cli("train", run_dir, *ensemble_run["settings"])
     assert code == 0
     assert member_model.stat().st_mtime_ns == written
+    assert tokenizer.stat().st_mtime_ns == tokenizer_written
     assert json.loads(output)["val_accuracy"] == ensemble_run["metrics"]["val_accuracy"]
 
 
