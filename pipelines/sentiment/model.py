@@ -130,7 +130,7 @@ def build_classifier(
 
 
 def build_ensemble(
-    config: ModelConfig,
+    configs: Sequence[ModelConfig],
     members: Sequence[keras.Model],
     vocab_size: int,
     num_classes: int,
@@ -138,14 +138,14 @@ def build_ensemble(
     timesteps: int | None = None,
     batch_size: int | None = None,
 ) -> keras.Model:
-    """Join trained classifiers into one model that averages their probabilities.
+    """Join trained classifiers, built from ``configs`` in order, into one averaging model.
 
     Each member becomes a nested model ``member_<k>`` (built by `build_classifier`) holding
     a copy of its weights, so `list_members` finds them again in the saved model.
     """
     token_ids = keras.Input((timesteps,), batch_size=batch_size, dtype="int32", name="token_ids")
     outputs = []
-    for index, trained in enumerate(members):
+    for index, (config, trained) in enumerate(zip(configs, members, strict=True)):
         member = build_classifier(config, vocab_size, num_classes, timesteps=timesteps, batch_size=batch_size,
                                   name=f"member_{index}")
         member.set_weights(trained.get_weights())

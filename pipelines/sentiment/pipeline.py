@@ -236,14 +236,14 @@ def train_ensemble(config: SentimentConfig, encoded: dict[str, Any], vocab_size:
             logger.info("Training ensemble member %d of %d in %s", index + 1, config.model.members, member_dir)
             member_dir.mkdir(parents=True, exist_ok=True)
             set_seeds(seed)
-            member_config = dataclasses.replace(
-                config, model=dataclasses.replace(config.model, members=1),
-                train=dataclasses.replace(config.train, seed=seed))
+            member_config = dataclasses.replace(config, model=config.model.member(index),
+                                                train=dataclasses.replace(config.train, seed=seed))
             model, metrics = train_classifier(member_config, encoded, vocab_size, member_dir)
             write_json(member_dir / "metrics.json", metrics)
         members.append(model)
         member_metrics.append(metrics)
-    ensemble = build_ensemble(config.model, members, vocab_size, encoded["num_classes"])
+    ensemble = build_ensemble([config.model.member(k) for k in range(len(members))], members, vocab_size,
+                              encoded["num_classes"])
     ensemble.save(run_dir / "model.keras")
     logger.info("Wrote %s", run_dir / "model.keras")
     token_ids, labels = encoded["validation"]
@@ -325,13 +325,13 @@ def tune(config: SentimentConfig, context: CommandContext) -> dict[str, Any]:
 
 
 def build_fixed_shape_copy(config: SentimentConfig, model: keras.Model, vocab_size: int, num_classes: int):
-    """Return a batch-1, ``data.max_length`` copy of ``model`` with its weights, for edge measurements.
+    """Return a batch-1 copy of ``model`` at the TFLite input length, for edge measurements.
 
     NOTE: this copy keeps the Keras recurrent layers in loop form, which convert to float32
     TFLite. `export` converts an unrolled graph instead, so the sizes and latencies that
     tuning measures on this copy are close to the exported ones but not equal.
     """
-    copy = build_classifier(config.model, vocab_size, num_classes, timesteps=config.data.max_length, batch_size=1)
+    copy = build_classifier(config.model, vocab_size, num_classes, timesteps=config.fixed_length(), batch_size=1)
     copy.set_weights(model.get_weights())
     return copy
 

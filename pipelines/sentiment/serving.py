@@ -7,7 +7,8 @@ Three graphs share the trained weights:
   configured truncation run inside the graph, so loading it needs ``import tensorflow_text``.
 * ``token_ids`` (SavedModel ``token_ids_savedmodel``, signature ``classify``): token ids
   ``(batch_size, timesteps)`` padded with ``PAD_ID = 0``, any batch size and length.
-* ``classify_fixed`` (same SavedModel): token ids ``(1, data.max_length)``, with the
+* ``classify_fixed`` (same SavedModel): token ids ``(1, export.max_length)`` (default
+  ``data.max_length``; longer texts are truncated to it), with the
   recurrent layers unrolled into a static loop of cell calls. This is the graph converted
   to TFLite. A Keras 3 LSTM in loop form crashes the TF 2.21 converter during full-int8
   quantization, while single cell steps quantize, so every TFLite variant is converted
@@ -17,6 +18,7 @@ Three graphs share the trained weights:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -279,7 +281,7 @@ def export_savedmodels(model, tokenizer, label_names, config: SentimentConfig, e
     """Write both SavedModels and check the raw-string one against the Keras pipeline."""
     token_ids_dir = export_saved_model(
         export_dir / "token_ids_savedmodel",
-        {TOKEN_IDS_SIGNATURE: make_token_ids_endpoint(model), FIXED_SIGNATURE: make_fixed_endpoint(model, config.data.max_length)},
+        {TOKEN_IDS_SIGNATURE: make_token_ids_endpoint(model), FIXED_SIGNATURE: make_fixed_endpoint(model, config.fixed_length())},
         [model],
     )
     text_function, text_signature, sentencepiece = make_text_endpoint(model, tokenizer, config.data, label_names)
@@ -315,11 +317,12 @@ def export_all(
     held_out = splits["test"] if "test" in splits else splits["validation"]
     parity = sample_split(held_out, config.export.parity_samples, config.train.seed)
     token_ids_dir, text_entry = export_savedmodels(model, tokenizer, label_names, config, export_dir, parity)
-    max_length = config.data.max_length
-    parity_ids = pad_batch(encode_texts(tokenizer, parity.texts, config.data, parity.origins), max_length)
+    max_length = config.fixed_length()
+    fixed_data = dataclasses.replace(config.data, max_length=max_length)  # Truncates as the phone model must.
+    parity_ids = pad_batch(encode_texts(tokenizer, parity.texts, fixed_data, parity.origins), max_length)
     keras_probabilities = np.asarray(model.predict(parity_ids, batch_size=64, verbose=0))
     calibration = sample_split(splits["train"], config.export.representative_samples, config.train.seed + 1)
-    calibration_ids = pad_batch(encode_texts(tokenizer, calibration.texts, config.data), max_length)
+    calibration_ids = pad_batch(encode_texts(tokenizer, calibration.texts, fixed_data), max_length)
     tflite_entry = export_tflite_variants(
         token_ids_dir, FIXED_SIGNATURE, export_dir, "classifier",
         parity_inputs={"token_ids": parity_ids}, keras_outputs={"probabilities": keras_probabilities},

@@ -12,10 +12,12 @@ from pipelines.sentiment.model import (
     MaskedAttentionPooling,
     MaskedMaxPooling,
     build_classifier,
+    build_ensemble,
     compute_probabilities,
     copy_matching_weights,
 )
 from pipelines.sentiment.serving import compute_unrolled_probabilities
+from shared.errors import ConfigError
 
 TINY_MODEL = ModelConfig(units=4, embedding_dim=6, attention_units=3, embedding_dropout=0.0, head_dropout=0.0)
 
@@ -104,3 +106,23 @@ def test_copy_weights_skips_mismatch():
     assert skipped == ["probabilities"]
     np.testing.assert_array_equal(target.get_layer("embedding").get_weights()[0],
                                   source.get_layer("embedding").get_weights()[0])
+
+
+def test_member_poolings_cycle():
+    config = dataclasses.replace(TINY_MODEL, members=3, member_poolings=("attention", "max"))
+    assert [config.member(k).pooling for k in range(3)] == ["attention", "max", "attention"]
+    assert config.member(1).members == 1
+
+
+def test_member_pooling_unknown_rejected():
+    with pytest.raises(ConfigError, match="model.member_poolings"):
+        ModelConfig(member_poolings=("mean",))
+
+
+def test_unrolled_ensemble_matches_keras():
+    configs = [dataclasses.replace(TINY_MODEL, pooling=p) for p in ("attention", "max")]
+    members = [build_classifier(c, vocab_size=30, num_classes=3) for c in configs]
+    ensemble = build_ensemble(configs, members, vocab_size=30, num_classes=3)
+    token_ids = np.array([[4, 8, 15, 16, 23, 0, 0, 0]], dtype=np.int32)
+    unrolled = np.asarray(compute_unrolled_probabilities(ensemble, tf.constant(token_ids)))
+    np.testing.assert_allclose(unrolled, np.asarray(ensemble(token_ids)), atol=1e-6)

@@ -138,7 +138,7 @@ def ensemble_run(trained_run):
     settings = ["--set", "data.dataset=csv", "--set", f"data.train_file={folder / 'train.csv'}",
                 "--set", f"data.test_file={folder / 'test.csv'}", "--set", "data.vocab_size=300",
                 "--set", "data.max_length=16", "--set", "train.epochs=2", "--set", "model.members=2",
-                "--data-dir", str(folder)]
+                "--set", "model.member_poolings=[attention, max]", "--data-dir", str(folder)]
     code, output = cli("train", run_dir, *settings)
     assert code == 0
     return {"run_dir": run_dir, "metrics": json.loads(output), "folder": folder, "settings": settings}
@@ -157,6 +157,7 @@ def test_ensemble_averages_members(ensemble_run):
     token_ids = np.array([[5, 9, 14, 3, 0, 0], [7, 2, 0, 0, 0, 0]], dtype="int32")
     expected = np.mean([np.asarray(member(token_ids)) for member in members], axis=0)
     assert len(members) == 2
+    assert [member.layers[-3].name for member in members] == ["attention_pooling", "max_pooling"]
     np.testing.assert_allclose(np.asarray(ensemble(token_ids)), expected, atol=1e-6)
 
 
