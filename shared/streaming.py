@@ -155,6 +155,41 @@ def build_step_model(
     return keras.Model(inputs, {STEP_OUTPUT_NAME: hidden, **outputs}, name=name)
 
 
+def apply_stack_unrolled(recurrent_layers: Sequence[keras.layers.Layer], sequence, padding_mask):
+    """Run trained unidirectional layers over a fixed-length window as a static loop of cell steps.
+
+    The graph has no ``While`` op: each time step calls the cells once. On a padding step
+    every layer keeps its state and output (``where(mask, new, old)``), as a masked
+    Keras layer does, so the result is the last layer's output at the last real step.
+    Full-int8 TFLite conversion, which crashes on a Keras recurrent layer in loop form,
+    quantizes these cell steps.
+
+    Args:
+        recurrent_layers: the trained stack, in order.
+        sequence: Keras tensor ``(batch_size, timesteps, features)`` with static sizes.
+        padding_mask: boolean Keras tensor ``(batch_size, timesteps)``, True on real steps.
+
+    Raises:
+        ConfigError: a layer cannot stream (see `build_step_model`).
+    """
+    steps = [sequence[:, t, :] for t in range(sequence.shape[1])]
+    step_mask = [padding_mask[:, t : t + 1] for t in range(sequence.shape[1])]
+    zero = keras.ops.zeros_like(sequence[:, 0, :1])  # (batch_size, 1), a tensor of the graph.
+    for index, layer in enumerate(recurrent_layers):
+        _check_streamable(index, layer)
+        step = CellStep(layer.cell, name=f"{layer.name}_unrolled")
+        states = [zero + keras.ops.zeros((1, layer.cell.units)) for _ in _state_suffixes(layer.cell)]
+        output = states[0]
+        outputs = []
+        for inputs, real in zip(steps, step_mask, strict=True):
+            new_output, new_states = step(inputs, states)
+            states = [keras.ops.where(real, new, old) for new, old in zip(new_states, states, strict=True)]
+            output = keras.ops.where(real, new_output, output)
+            outputs.append(output)
+        steps = outputs
+    return steps[-1]
+
+
 def _as_list(
     layers: keras.layers.Layer | Sequence[keras.layers.Layer] | None,
 ) -> list[keras.layers.Layer]:

@@ -45,7 +45,7 @@ from shared.export import (
     run_tflite,
     write_export_report,
 )
-from shared.streaming import STEP_INPUT_NAME, STEP_OUTPUT_NAME, build_step_model
+from shared.streaming import STEP_INPUT_NAME, STEP_OUTPUT_NAME, apply_stack_unrolled, build_step_model
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,29 @@ def build_window_export_model(
     exported = build_rul_model(config, num_features, window_length, rul_cap, batch_size=1)
     exported.set_weights(model.get_weights())
     return exported
+
+
+def build_unrolled_window_model(model: keras.Model, window_length: int) -> keras.Model:
+    """Return the batch-1 window model with each recurrent layer unrolled into cell steps.
+
+    It computes what ``model`` computes (every member, its head, the mean and the
+    rescaling to cycles, sharing the trained layers), but with no ``While`` op, so that
+    full-int8 conversion works; the TFLite window files are converted from it.
+    """
+    num_features = model.input[READINGS].shape[-1]
+    readings = keras.Input((window_length, num_features), batch_size=1, name=READINGS)
+    padding_mask = keras.Input((window_length,), batch_size=1, dtype="bool", name=PADDING_MASK)
+    members = count_members(model)
+    fractions = []
+    for prefix in list_member_prefixes(members):
+        hidden = apply_stack_unrolled(list_recurrent_layers(model, prefix), readings, padding_mask)
+        for name in ("head_hidden", "rul_fraction"):  # Dropout is the identity at inference.
+            if any(layer.name == f"{prefix}{name}" for layer in model.layers):
+                hidden = model.get_layer(f"{prefix}{name}")(hidden)
+        fractions.append(hidden)
+    fraction = fractions[0] if members == 1 else model.get_layer(MEAN_FRACTION)(fractions)
+    rul = model.get_layer(RUL_OUTPUT)(fraction)
+    return keras.Model({READINGS: readings, PADDING_MASK: padding_mask}, rul, name="rul_window_unrolled")
 
 
 def build_streaming_model(model: keras.Model) -> keras.Model:

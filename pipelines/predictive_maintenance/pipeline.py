@@ -35,6 +35,7 @@ from pipelines.predictive_maintenance.edge import (
     STREAMING,
     WINDOW,
     build_streaming_model,
+    build_unrolled_window_model,
     build_window_export_model,
     check_streaming_matches_window,
     collect_step_examples,
@@ -667,7 +668,7 @@ def export(config: PredictiveMaintenanceConfig, context: CommandContext) -> dict
 
     window_parity = (test.inputs(), {RUL_OUTPUT: predict_windows(window_model, test)[:, None]})
     export_model_variants(
-        window_model,
+        build_unrolled_window_model(window_model, config.data.window_length),
         WINDOW,
         WINDOW,
         export_dir,

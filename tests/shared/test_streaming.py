@@ -217,3 +217,17 @@ def test_tflite_step_builtin_ops_only(converted_step_models):
     for key, (_, _, tflite_path) in converted_step_models.items():
         assert export.list_custom_ops(tflite_path) == [], key
         assert "WHILE" not in export.list_tflite_ops(tflite_path), key
+
+
+@pytest.mark.parametrize(("cell", "layers"), STACKS)
+@pytest.mark.parametrize("real_steps", [TIMESTEPS, 2])
+def test_unrolled_stack_matches_masked_stack(cell, layers, real_steps):
+    _, stack, _ = build_models(cell, layers)
+    sequence = keras.Input((TIMESTEPS, FEATURES), batch_size=1)
+    padding_mask = keras.Input((TIMESTEPS,), batch_size=1, dtype="bool")
+    masked = keras.Model([sequence, padding_mask], apply_recurrent_stack(stack, sequence, mask=padding_mask))
+    unrolled = keras.Model(
+        [sequence, padding_mask], streaming.apply_stack_unrolled(stack, sequence, padding_mask)
+    )
+    inputs = [make_sequence()[np.newaxis], np.arange(TIMESTEPS)[np.newaxis] < real_steps]
+    np.testing.assert_allclose(np.asarray(unrolled(inputs)), np.asarray(masked(inputs)), atol=1e-6)
