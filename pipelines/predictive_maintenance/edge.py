@@ -92,9 +92,9 @@ def build_window_export_model(
 def build_unrolled_window_model(model: keras.Model, window_length: int) -> keras.Model:
     """Return the batch-1 window model with each recurrent layer unrolled into cell steps.
 
-    It computes what ``model`` computes (every member, its head, the mean and the
-    rescaling to cycles, sharing the trained layers), but with no ``While`` op, so that
-    full-int8 conversion works; the TFLite window files are converted from it.
+    It computes what ``model`` computes with the same trained layers: every member, its
+    head, the mean and the rescaling to cycles. It has no ``While`` op, so full-int8
+    conversion works, and the TFLite window files are converted from it.
     """
     num_features = model.input[READINGS].shape[-1]
     readings = keras.Input((window_length, num_features), batch_size=1, name=READINGS)
