@@ -258,6 +258,20 @@ def distribute_dataset(strategy, dataset):
     return strategy.experimental_distribute_dataset(dataset.with_options(options))
 
 
+def densify_gradients(gradients: list, variables: list) -> list:
+    """Return dense gradients: embedding rows (``IndexedSlices``) scattered, None as zeros.
+
+    The all-reduce, the clipping and the division by the replica count need dense
+    tensors of one shape per variable.
+    """
+    import tensorflow as tf
+
+    return [
+        tf.zeros_like(variable) if gradient is None else tf.convert_to_tensor(gradient)
+        for gradient, variable in zip(gradients, variables, strict=True)
+    ]
+
+
 def clip_gradients(optimizer, gradients: list) -> list:
     """Clip all-reduced gradients as the optimizer's clipping settings ask."""
     import tensorflow as tf
@@ -297,7 +311,7 @@ class StepFunctions:
             # Each replica's share: the optimizer sums the gradients of all replicas.
             scaled_loss = loss / replicas
         variables = model.trainable_variables
-        gradients = tape.gradient(scaled_loss, variables)
+        gradients = densify_gradients(tape.gradient(scaled_loss, variables), variables)
         context = tf.distribute.get_replica_context()
         summed = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
         clipped = clip_gradients(model.optimizer, summed)

@@ -290,3 +290,17 @@ def test_mirrored_two_replicas(tmp_path):
     assert json.loads(finished.stdout)["epochs_run"] == 2
     assert np.isfinite(np.load(run_dir / "weights.npy")).all()
     assert (run_dir / "model.keras").is_file()
+
+
+def test_custom_loop_trains_embedding(tmp_path):
+    token_ids = keras.Input((5,), dtype="int32")
+    embedded = keras.layers.Embedding(20, 4, mask_zero=True)(token_ids)
+    model = keras.Model(token_ids, keras.layers.Dense(1)(keras.layers.LSTM(3)(embedded)))
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    rng = np.random.default_rng(1)
+    values = rng.integers(1, 20, size=(16, 5)).astype(np.int32)
+    data = tf.data.Dataset.from_tensor_slices((values, values.sum(axis=1, keepdims=True) / 50.0)).batch(8)
+    before = np.array(model.layers[1].get_weights()[0])
+    config = TrainConfig(epochs=1, batch_size=8)
+    train_custom_loop(model, data, None, config, tmp_path, strategy=tf.distribute.get_strategy(), monitor="loss")
+    assert not np.allclose(model.layers[1].get_weights()[0], before)

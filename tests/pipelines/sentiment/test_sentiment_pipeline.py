@@ -217,3 +217,20 @@ def test_real_sst2_slice(data_dir, tmp_path):
     metrics = run_real_tiny(tmp_path, ["--set", "data.dataset=sst2", "--set", "data.strip_html=false"], 300)
     assert metrics["examples"] == 300
     assert set(metrics["per_class"]) == {"negative", "positive"}
+
+
+@pytest.mark.slow
+def test_multi_worker_train(trained_run, tmp_path):
+    import subprocess
+    import sys
+
+    folder = trained_run["folder"]
+    argv = [sys.executable, "-m", "pipelines.sentiment", "train", "--preset", "tiny", "--strategy", "multi-worker",
+            "--run-dir", str(tmp_path / "run"), "--data-dir", str(folder), "--set", "data.dataset=csv",
+            "--set", f"data.train_file={folder / 'train.csv'}", "--set", "data.vocab_size=300",
+            "--set", "data.max_length=16"]
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    environment.pop("TF_CONFIG", None)
+    finished = subprocess.run(argv, capture_output=True, text=True, env=environment, timeout=300, check=False)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert json.loads(finished.stdout)["epochs_run"] == 1
