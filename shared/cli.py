@@ -153,6 +153,11 @@ def resolve_command_config(args: argparse.Namespace, presets: Mapping[str, Any],
     if args.command != "train" and saved.is_file():
         logger.info("Using the config saved with the trained model: %s", saved)
         base = load_config(type(base), saved)
+        if args.command != "tune":
+            ignored = [o for o in args.overrides if o.split("=", 1)[0].startswith("model.")]
+            if ignored:
+                logger.warning("%s: the trained model fixes the architecture, so %s changes nothing here; "
+                               "retrain with them to use them.", args.command, ignored)
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")
@@ -198,7 +203,9 @@ def run_cli(
         logger.error("%s", error)
         return EXIT_USAGE
     # One line at INFO, so that an error further down stays visible; the whole config at DEBUG.
-    logger.info("Config for %s %s: preset %s, files %s, overrides %s", pipeline, args.command, args.preset,
+    saved = run_dir / "config.yaml"
+    source = f"preset {args.preset}" if args.command == "train" or not saved.is_file() else f"saved {saved}"
+    logger.info("Config for %s %s: %s, files %s, overrides %s", pipeline, args.command, source,
                 args.config or "none", args.overrides or "none")
     logger.debug("Resolved config:\n%s", yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip())
     if args.command == "train":

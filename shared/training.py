@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -207,9 +208,20 @@ def fit_with_callbacks(
         validation_steps=config.validation_steps if validation_data is not None else None,
         callbacks=callbacks,
         shuffle=False,  # tf.data pipelines shuffle themselves.
-        verbose=verbose,
+        verbose=resolve_verbosity(verbose),
     )
     return history.history
+
+
+def resolve_verbosity(verbose: str | int) -> int:
+    """Return Keras' verbosity: for "auto", a live progress bar on a terminal, else one line per epoch.
+
+    The CLI sends Keras output to standard error; redirected to a file, a live bar would
+    write thousands of carriage-return updates on one line.
+    """
+    if verbose != "auto":
+        return int(verbose)
+    return 1 if sys.stderr.isatty() else 2
 
 
 def log_run_state(run_dir: Path) -> None:

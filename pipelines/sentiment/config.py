@@ -108,7 +108,7 @@ class ModelConfig(RecurrentConfig):
             same split and tokenizer) and averaged into one model; 1 trains one classifier.
         member_poolings: pooling of each ensemble member in turn (member ``k`` takes entry
             ``k`` modulo its length), so that members differ by more than their seed. Empty
-            gives every member ``pooling``.
+            gives every member ``pooling``. Unused with one member, which takes ``pooling``.
         init_from: run directory of a trained sentiment model. Its tokenizer replaces
             tokenizer training, and every layer whose name and weight shapes match starts
             from its weights (transfer learning, e.g. from IMDB to SST). None trains
@@ -136,6 +136,7 @@ class ModelConfig(RecurrentConfig):
         check_range("model.members", self.members, 1, 16)
         for pooling in self.member_poolings:
             check_choice("model.member_poolings", pooling, POOLINGS)
+
         check_range("model.embedding_dim", self.embedding_dim, 1, 8192)
         check_range("model.embedding_dropout", self.embedding_dropout, 0.0, 1.0, high_inclusive=False)
         check_choice("model.pooling", self.pooling, POOLINGS)

@@ -200,6 +200,9 @@ def train(config: SentimentConfig, context: CommandContext) -> dict[str, Any]:
     write_json(run_dir / LABELS_FILE, {"label_names": list(label_names), "tokenizer_sha256": tokenizer.sha256})
     encoded = encode_training_splits(config, splits, tokenizer)
     if config.model.members == 1:
+        if config.model.member_poolings:
+            logger.warning("model.member_poolings %s is unused with model.members=1; the classifier uses "
+                           "model.pooling=%s.", list(config.model.member_poolings), config.model.pooling)
         _, metrics = train_classifier(config, encoded, tokenizer.vocab_size, run_dir)
     else:
         metrics = train_ensemble(config, encoded, tokenizer.vocab_size, run_dir)

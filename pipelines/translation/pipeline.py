@@ -81,8 +81,7 @@ def train(config: TranslationConfig, context: CommandContext) -> dict[str, Any]:
     )
     metrics.update(counts)
     metrics.update(compute_throughput(metrics, counts, config, steps))
-    write_json(run_dir / "metrics.json", metrics)
-    logger.info("Wrote %s", run_dir / "metrics.json")
+    write_json(run_dir / "metrics.json", metrics)  # Again, with the counts and throughput added.
     return metrics
 
 
@@ -252,11 +251,16 @@ def read_input_lines(source: str, stdin: TextIO | None = None) -> list[str]:
         DataError: the file is missing or a line is not valid UTF-8 (file and line named).
     """
     if source != "-":
-        return read_lines(source, "predict input", allow_empty=True)
-    stream = (stdin or sys.stdin).buffer
-    return [
-        decode_line(raw, number, "standard input") for number, raw in enumerate(stream, start=1)
-    ]
+        lines = read_lines(source, "predict input", allow_empty=True)
+    else:
+        stream = (stdin or sys.stdin).buffer
+        lines = [
+            decode_line(raw, number, "standard input") for number, raw in enumerate(stream, start=1)
+        ]
+    if not lines:
+        where = "standard input" if source == "-" else source
+        raise DataError(f"{where}: no sentences to translate; give one sentence per line.")
+    return lines
 
 
 def predict(config: TranslationConfig, context: CommandContext) -> dict[str, Any] | None:

@@ -76,6 +76,16 @@ def test_evaluate_uses_saved_config(tmp_path):
     assert json.loads(output)["units"] == 3
 
 
+def test_evaluate_warns_model_override(tmp_path, capsys):
+    run(["train", "--preset", "tiny"], tmp_path)
+    capsys.readouterr()
+    code, _ = run(["evaluate", "--set", "model.units=5"], tmp_path)
+    logs = capsys.readouterr().err
+    assert code == 0
+    assert "changes nothing here" in logs
+    assert "Config for toy evaluate: saved " in logs
+
+
 def test_config_file_then_override(tmp_path):
     path = tmp_path / "extra.yaml"
     path.write_text("model:\n  units: 5\ntrain:\n  seed: 3\n")

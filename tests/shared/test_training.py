@@ -1,6 +1,7 @@
 """Tests for the optimizer, callbacks, train_model outputs and resuming a killed run."""
 
 import csv
+import io
 import json
 import logging
 import os
@@ -17,7 +18,13 @@ import tensorflow as tf
 
 from shared.config import RecurrentConfig, TrainConfig
 from shared.recurrent import apply_recurrent_stack, build_recurrent_stack
-from shared.training import build_learning_rate, build_optimizer, summarize_history, train_model
+from shared.training import (
+    build_learning_rate,
+    build_optimizer,
+    resolve_verbosity,
+    summarize_history,
+    train_model,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -149,3 +156,9 @@ def test_rerun_warns_before_replacing_model(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="shared.training"):
         train_model(model, make_dataset(), None, TrainConfig(epochs=1), tmp_path, verbose=0)
     assert "already contains a trained model.keras" in caplog.text
+
+
+def test_verbosity_auto_without_terminal(monkeypatch):
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    assert resolve_verbosity("auto") == 2
+    assert resolve_verbosity(1) == 1

@@ -126,3 +126,4 @@ def test_unrolled_ensemble_matches_keras():
     token_ids = np.array([[4, 8, 15, 16, 23, 0, 0, 0]], dtype=np.int32)
     unrolled = np.asarray(compute_unrolled_probabilities(ensemble, tf.constant(token_ids)))
     np.testing.assert_allclose(unrolled, np.asarray(ensemble(token_ids)), atol=1e-6)
+

@@ -142,6 +142,17 @@ def test_stdin_blank_lines_kept():
     assert read_input_lines("-", FakeStdin()) == ["a dog", "", "men"]
 
 
+def test_stdin_empty_rejected():
+    from pipelines.translation.pipeline import read_input_lines
+    from shared.errors import DataError
+
+    class FakeStdin:
+        buffer = io.BytesIO(b"")
+
+    with pytest.raises(DataError, match="no sentences to translate"):
+        read_input_lines("-", FakeStdin())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("max_size_kb", "feasible"), [("1", "False"), ("100000", "True")])
 def test_tune_edge_limit(tiny_config, tmp_path, max_size_kb, feasible):
