@@ -31,6 +31,7 @@ from pipelines.sentiment.model import (
     compile_classifier,
     compute_probabilities,
     copy_matching_weights,
+    list_members,
 )
 from shared.cli import CommandContext, write_predictions
 from shared.errors import DataError
@@ -94,8 +95,10 @@ def copy_tokenizer(source_run: Path, run_dir: Path) -> SentencePieceTokenizer:
     return load_sentencepiece(target_dir / f"{TOKENIZER_NAME}.model", source.sha256)
 
 
-def initialize_from_run(model: keras.Model, source_run: Path) -> None:
+def initialize_from_run(model: keras.Model, source_run: Path, member_index: int = 0) -> None:
     """Start ``model`` from the weights of the model trained in ``source_run``, layer by layer.
+
+    When that model is an ensemble, member ``member_index`` (modulo its size) is the source.
 
     Raises:
         DataError: ``source_run`` has no trained model.
@@ -104,7 +107,8 @@ def initialize_from_run(model: keras.Model, source_run: Path) -> None:
     if not source_path.is_file():
         raise DataError(f"{source_path}: model.init_from names a run without a trained model; "
                         "train that run first or fix the path.")
-    skipped = copy_matching_weights(keras.saving.load_model(source_path), model)
+    sources = list_members(keras.saving.load_model(source_path))
+    skipped = copy_matching_weights(sources[member_index % len(sources)], model)
     logger.info("Initialized from %s", source_path)
     if skipped:
         logger.warning("Layers %s keep their random initialization: their weight shapes differ in %s.",
@@ -211,12 +215,13 @@ def train(config: SentimentConfig, context: CommandContext) -> dict[str, Any]:
     return metrics
 
 
-def train_classifier(config: SentimentConfig, encoded: dict[str, Any], vocab_size: int, run_dir: Path):
-    """Train one classifier into ``run_dir``; return it with its metrics."""
+def train_classifier(config: SentimentConfig, encoded: dict[str, Any], vocab_size: int, run_dir: Path,
+                     member_index: int = 0):
+    """Train one classifier (ensemble member ``member_index``) into ``run_dir``; return it with its metrics."""
     train_ds, val_ds, steps = make_training_datasets(config, encoded)
     model = build_compiled_model(config, vocab_size, encoded["num_classes"], steps)
     if config.model.init_from:
-        initialize_from_run(model, Path(config.model.init_from))
+        initialize_from_run(model, Path(config.model.init_from), member_index)
     logger.info("Model has %d parameters", model.count_params())
     validation_batches = math.ceil(len(encoded["validation"][1]) / config.train.batch_size)
     train_config = dataclasses.replace(config.train, steps_per_epoch=steps, validation_steps=min(
@@ -241,7 +246,7 @@ def train_ensemble(config: SentimentConfig, encoded: dict[str, Any], vocab_size:
             set_seeds(seed)
             member_config = dataclasses.replace(config, model=config.model.member(index),
                                                 train=dataclasses.replace(config.train, seed=seed))
-            model, metrics = train_classifier(member_config, encoded, vocab_size, member_dir)
+            model, metrics = train_classifier(member_config, encoded, vocab_size, member_dir, index)
             write_json(member_dir / "metrics.json", metrics)
         members.append(model)
         member_metrics.append(metrics)

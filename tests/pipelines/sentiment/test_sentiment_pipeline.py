@@ -234,3 +234,18 @@ def test_multi_worker_train(trained_run, tmp_path):
     finished = subprocess.run(argv, capture_output=True, text=True, env=environment, timeout=300, check=False)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert json.loads(finished.stdout)["epochs_run"] == 1
+
+
+@pytest.mark.slow
+def test_init_from_ensemble_member(ensemble_run):
+    import keras
+
+    from pipelines.sentiment.model import build_classifier, list_members
+    from pipelines.sentiment.pipeline import initialize_from_run
+
+    run_dir = ensemble_run["run_dir"]
+    members = list_members(keras.saving.load_model(run_dir / "model.keras"))
+    embedding = members[1].get_layer("embedding").get_weights()[0]
+    model = build_classifier(PRESETS["tiny"].model, embedding.shape[0], 2)
+    initialize_from_run(model, run_dir, member_index=3)
+    np.testing.assert_array_equal(model.get_layer("embedding").get_weights()[0], embedding)
