@@ -86,6 +86,9 @@ def download_file(url: str, target: Path, sha256: str | None) -> None:
             f"checksum mismatch for {url}: expected sha256 {sha256}, got {actual}. "
             "The download is corrupt or the source changed; nothing was written."
         )
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # tempfile makes it owner-only; give the usual mode.
     tmp_path.replace(target)
     logger.info("Downloaded %s to %s (sha256 %s)", url, target, actual)
 

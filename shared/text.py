@@ -22,7 +22,6 @@ import io
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -173,15 +172,18 @@ def compute_bytes_sha256(data: bytes) -> str:
 
 
 def write_bytes_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, then rename it over ``path``."""
+    """Write ``data`` to a temporary file next to ``path``, then rename it over ``path``.
+
+    The file gets the usual mode (0o666 minus the umask), not the owner-only mode of
+    ``tempfile``, so that exported tokenizers can be read by other users and services.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-        try:
-            tmp.write(data)
-        except BaseException:
-            tmp_path.unlink(missing_ok=True)
-            raise
+    tmp_path = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp_path.write_bytes(data)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
     os.replace(tmp_path, path)
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -29,6 +27,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 
 from shared.errors import ConfigError, DataError
+from shared.runs import write_text_atomic
 
 TRAIN = "train"
 VALIDATION = "validation"
@@ -734,18 +733,7 @@ class Normalizer:
             raise DataError(f"the {self.kind} normalizer is not fitted; nothing to save to {path}.")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2)
-        with tempfile.NamedTemporaryFile(
-            "w",
-            dir=path.parent,
-            prefix=f".{path.name}.",
-            suffix=".tmp",
-            delete=False,
-            encoding="utf-8",
-        ) as handle:
-            handle.write(text)
-        os.replace(handle.name, path)
-        return path
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> Normalizer:

@@ -1,6 +1,7 @@
 """Tests for data directory resolution, checksummed downloads and the missing-file error."""
 
 import hashlib
+import os
 
 import pytest
 
@@ -72,3 +73,13 @@ def test_missing_without_url_promises_no_download(tmp_path):
     with pytest.raises(DataError) as raised:
         ensure_files("Toy", [RemoteFile("toy/a.txt")], tmp_path)
     assert "downloaded" not in str(raised.value)
+
+
+def test_downloaded_file_has_default_mode(tmp_path):
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"real data")
+    remote = RemoteFile("toy/data.bin", url=source.as_uri())
+    found = ensure_files("Toy", [remote], tmp_path / "data")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert found["toy/data.bin"].stat().st_mode & 0o777 == 0o666 & ~umask

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import os
 
 import pytest
 
@@ -18,6 +19,7 @@ from shared.text import (
     read_lines,
     read_parallel_lines,
     train_sentencepiece,
+    write_bytes_atomically,
 )
 
 SUBJECTS = ["私は", "彼は", "猫が", "先生が", "子供たちは", "母は"]
@@ -371,3 +373,12 @@ def test_load_invalid_model(tmp_path):
     path.write_bytes(b"not a model")
     with pytest.raises(DataError, match="not a valid SentencePiece model"):
         load_sentencepiece(path)
+
+
+def test_atomic_bytes_default_mode(tmp_path):
+    path = tmp_path / "model.bin"
+    write_bytes_atomically(path, b"\x00\x01")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert path.read_bytes() == b"\x00\x01"
