@@ -156,8 +156,8 @@ def resolve_command_config(args: argparse.Namespace, presets: Mapping[str, Any],
         if args.command != "tune":
             ignored = [o for o in args.overrides if o.split("=", 1)[0].startswith("model.")]
             if ignored:
-                logger.warning("%s: the trained model fixes the architecture, so %s changes nothing here; "
-                               "retrain with them to use them.", args.command, ignored)
+                logger.warning("%s: the trained model fixes the architecture, so %s changes nothing here. "
+                               "Retrain with these settings to use them.", args.command, ignored)
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")
@@ -202,7 +202,7 @@ def run_cli(
     except (ConfigError, DataError) as error:
         logger.error("%s", error)
         return EXIT_USAGE
-    # One line at INFO, so that an error further down stays visible; the whole config at DEBUG.
+    # One line at INFO keeps a later error in view. The whole config goes to DEBUG.
     saved = run_dir / "config.yaml"
     source = f"preset {args.preset}" if args.command == "train" or not saved.is_file() else f"saved {saved}"
     logger.info("Config for %s %s: %s, files %s, overrides %s", pipeline, args.command, source,

@@ -263,6 +263,9 @@ def densify_gradients(gradients: list, variables: list) -> list:
 
     The all-reduce, the clipping and the division by the replica count need dense
     tensors of one shape per variable.
+
+    NOTE: each step then all-reduces the whole embedding matrix, which may dominate the
+    step time with a large vocabulary across machines. It has only run on loopback workers.
     """
     import tensorflow as tf
 

@@ -1509,7 +1509,7 @@ def summarize_search(search: StagedSearch, results: list[StageResult]) -> dict[s
         over_limits = sum(r["status"] == COMPLETED and r.get("feasible") is False for r in records)
         reason = (
             f"all {over_limits} completed trials exceeded --max-size-kb or --max-latency-ms "
-            "(see size_kb and latency_ms in trials.csv); raise the limits or search smaller models"
+            "(see size_kb and latency_ms in trials.csv). Raise the limits or search smaller models"
             if over_limits
             else "no trial completed"
         )

@@ -472,7 +472,7 @@ def evaluate(config: PredictiveMaintenanceConfig, context: CommandContext) -> di
     write_report(
         context.run_dir,
         "Predictive maintenance: evaluation",
-        {},  # The per-set table below holds every metric of evaluation.json.
+        {},  # The per-set table below contains every metric of evaluation.json.
         config,
         artifacts=sorted(plots_dir.glob("*.png")) if plots_dir.is_dir() else [],
         sections=sections,

@@ -158,7 +158,7 @@ class SentimentExportConfig(ExportConfig):
 
     Attributes:
         max_length: token ids per input of ``classify_fixed`` and the TFLite models; longer
-            texts are truncated as ``data.truncation`` says. None uses ``data.max_length``.
+            texts are truncated as ``data.truncation`` sets. None uses ``data.max_length``.
             A shorter length makes the phone model smaller to convert and faster to run.
     """
 

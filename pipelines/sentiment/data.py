@@ -502,7 +502,7 @@ def read_maybe_gzipped(path: Path) -> bytes:
     try:
         return gzip.decompress(path.read_bytes())
     except (gzip.BadGzipFile, EOFError) as error:
-        raise DataError(f"{path}: not a valid gzip file ({error}); compress it again, or drop the .gz "
+        raise DataError(f"{path}: not a valid gzip file ({error}). Compress it again, or drop the .gz "
                         "suffix if it is plain text.") from error
 
 

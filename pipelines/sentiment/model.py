@@ -68,15 +68,15 @@ class MaskedMaxPooling(keras.layers.Layer):
     """Largest value of each feature over the real steps.
 
     Padding steps take the first step's values, which are real because padding is on the
-    right and no row is all padding. So they never raise the maximum, and every value stays
-    in the range of real ones, which keeps full-int8 quantization scales tight (a -1e9
-    fill would not). Input ``(batch_size, timesteps, features)`` and a boolean
+    right and no row is all padding. So they never raise the maximum. Every value also
+    stays in the range of the real ones, so full-int8 quantization gets a tight scale,
+    which a -1e9 fill would spoil. Input ``(batch_size, timesteps, features)`` and a boolean
     ``padding_mask`` ``(batch_size, timesteps)``; output ``(batch_size, features)``.
     """
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.supports_masking = True  # The mask arrives as ``padding_mask``; the output has no time axis.
+        self.supports_masking = True  # The mask arrives as ``padding_mask``, and the output has no time axis.
 
     def call(self, sequences, padding_mask):
         first = keras.ops.broadcast_to(sequences[:, :1, :], keras.ops.shape(sequences))

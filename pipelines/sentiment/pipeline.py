@@ -62,8 +62,8 @@ def prepare_tokenizer(config: SentimentConfig, train: LabeledTexts, run_dir: Pat
     if config.model.init_from:
         return copy_tokenizer(Path(config.model.init_from), run_dir)
     model_path = run_dir / TOKENIZER_DIR / f"{TOKENIZER_NAME}.model"
-    # An interrupted run leaves backup/ (one classifier) or members/ (an ensemble), whose
-    # weights index this tokenizer's pieces.
+    # An interrupted run leaves backup/ (one classifier) or members/ (an ensemble). Their
+    # embedding rows are indexed by this tokenizer's pieces.
     if model_path.is_file() and ((run_dir / "backup").exists() or (run_dir / "members").exists()):
         logger.info("Resuming: reusing the tokenizer %s", model_path)
         return load_sentencepiece(model_path)
@@ -205,7 +205,7 @@ def train(config: SentimentConfig, context: CommandContext) -> dict[str, Any]:
     encoded = encode_training_splits(config, splits, tokenizer)
     if config.model.members == 1:
         if config.model.member_poolings:
-            logger.warning("model.member_poolings %s is unused with model.members=1; the classifier uses "
+            logger.warning("model.member_poolings %s is unused with model.members=1, so the classifier uses "
                            "model.pooling=%s.", list(config.model.member_poolings), config.model.pooling)
         _, metrics = train_classifier(config, encoded, tokenizer.vocab_size, run_dir)
     else:

@@ -299,9 +299,9 @@ def build_step_model(
 def build_edge_model(model: keras.Model, config: TranslationModelConfig, max_length: int) -> keras.Model:
     """Build a batch-1 model that encodes ``source_ids`` and runs the first decoder step.
 
-    Tuning's edge objective converts this model to measure a trial: its TFLite file holds
-    every weight that the exported encoder and decoder step hold together, and one call
-    costs the encoder plus one step. Each further target token adds one step.
+    Tuning's edge objective converts this model to measure a trial. Its TFLite file contains
+    every weight of the exported encoder and decoder step, and one call costs the encoder
+    plus one step. Each further target token adds one step.
     """
     encoder = build_encoder_model(model, config, max_length, 1)
     step = build_step_model(model, config, max_length, 1)

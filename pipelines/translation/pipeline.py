@@ -81,7 +81,7 @@ def train(config: TranslationConfig, context: CommandContext) -> dict[str, Any]:
     )
     metrics.update(counts)
     metrics.update(compute_throughput(metrics, counts, config, steps))
-    write_json(run_dir / "metrics.json", metrics)  # Again, with the counts and throughput added.
+    write_json(run_dir / "metrics.json", metrics)  # Rewritten with the counts and throughput added.
     return metrics
 
 
@@ -259,7 +259,7 @@ def read_input_lines(source: str, stdin: TextIO | None = None) -> list[str]:
         ]
     if not lines:
         where = "standard input" if source == "-" else source
-        raise DataError(f"{where}: no sentences to translate; give one sentence per line.")
+        raise DataError(f"{where}: no sentences to translate. Give one sentence per line.")
     return lines
 
 
