@@ -13,8 +13,9 @@ from shared.config import (
     check_range,
 )
 from shared.errors import ConfigError
+from shared.runs import default_run_dir
 
-DATASETS = ("imdb", "sst2", "sst5", "csv")
+DATASETS = ("imdb", "imdb_sentences", "sst2", "sst5", "csv")
 TRUNCATIONS = ("head", "tail", "head_tail")
 POOLINGS = ("attention", "max", "last_state")
 CLASS_WEIGHT_MODES = ("auto", "on", "off")
@@ -25,8 +26,10 @@ class DataConfig:
     """Data: which dataset, the validation carve-out, truncation and the tokenizer.
 
     Attributes:
-        dataset: ``imdb`` (aclImdb archive), ``sst2`` / ``sst5`` (sentence-level SST), or
-            ``csv`` (the user's own CSV or TSV file of text and label).
+        dataset: ``imdb`` (aclImdb archive), ``imdb_sentences`` (the same reviews cut into
+            sentences, each labelled with its review's label, for pretraining sentence
+            classifiers), ``sst2`` / ``sst5`` (sentence-level SST), or ``csv`` (the user's
+            own CSV or TSV file of text and label).
         train_file: the user's training file for ``csv``; a ``.tsv`` name is read as
             tab-separated, anything else as comma-separated. It needs a header row.
         test_file: the user's test file for ``csv``; optional. Its labels must appear in
@@ -37,6 +40,10 @@ class DataConfig:
             (``$XDG_CACHE_HOME/rnn-pipelines/data/sentiment``).
         validation_fraction: share of the training split held out, stratified by label,
             for early stopping and tuning. The test split is never used for either.
+        validation_from: ``train`` carves the validation split from the training split
+            (``validation_fraction``); ``dev`` takes the dataset's own dev split instead and
+            trains on the whole training split (SST only: the split its authors made for
+            model selection).
         max_length: tokens kept per text; longer texts are truncated (and counted).
         truncation: which tokens a long text keeps: the first ``max_length`` (``head``),
             the last (``tail``), or the first ``head_fraction`` of them and the rest from
@@ -58,6 +65,7 @@ class DataConfig:
     label_column: str = "label"
     cache_dir: str | None = None
     validation_fraction: float = 0.1
+    validation_from: str = "train"
     max_length: int = 400
     truncation: str = "head_tail"
     head_fraction: float = 0.25
@@ -70,6 +78,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, DATASETS)
         check_range("data.validation_fraction", self.validation_fraction, 0.0, 0.5, low_inclusive=False)
+        check_choice("data.validation_from", self.validation_from, ("train", "dev"))
+        if self.validation_from == "dev" and self.dataset not in ("sst2", "sst5"):
+            raise ConfigError(
+                f"data.validation_from is 'dev' but data.dataset {self.dataset!r} has no dev split; only sst2 "
+                "and sst5 have one. Use --set data.validation_from=train to carve it from the training split."
+            )
         check_range("data.max_length", self.max_length, 2, 100_000)
         check_choice("data.truncation", self.truncation, TRUNCATIONS)
         check_range("data.head_fraction", self.head_fraction, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
@@ -237,15 +251,33 @@ TINY = dataclasses.replace(
     export=SentimentExportConfig(parity_samples=64, representative_samples=32, latency_runs=5),
 )
 
+# Default run directory of `train --preset imdb_sentences`.
+IMDB_SENTENCES_RUN = str(default_run_dir("sentiment", "imdb_sentences"))
+
+# SST starts from the imdb_sentences run (train it first), four members like the default,
+# and validates on SST's dev file. `--set model.init_from=null` trains from scratch.
 SST2 = dataclasses.replace(
     DEFAULT,
-    data=dataclasses.replace(DEFAULT.data, dataset="sst2", max_length=80, vocab_size=4000, strip_html=False),
-    model=dataclasses.replace(DEFAULT.model, embedding_dropout=0.3, head_dropout=0.5, members=1, member_poolings=()),
+    data=dataclasses.replace(DEFAULT.data, dataset="sst2", max_length=80, vocab_size=4000, strip_html=False,
+                             validation_from="dev"),
+    model=dataclasses.replace(DEFAULT.model, embedding_dropout=0.3, head_dropout=0.5, init_from=IMDB_SENTENCES_RUN),
     export=dataclasses.replace(DEFAULT.export, max_length=None),
-    train=dataclasses.replace(DEFAULT.train, epochs=8, batch_size=32, learning_rate=1e-3, warmup_steps=50,
+    train=dataclasses.replace(DEFAULT.train, epochs=8, batch_size=32, learning_rate=5e-4, warmup_steps=50,
                               early_stopping_patience=3, backup_every_steps=None),
 )
 
 SST5 = dataclasses.replace(SST2, data=dataclasses.replace(SST2.data, dataset="sst5"))
 
-PRESETS = {"default": DEFAULT, "tiny": TINY, "sst2": SST2, "sst5": SST5}
+# Pretraining for SST: the sentences of the IMDB training reviews, each labelled with its
+# review's label, give 37 times as many training sentences as SST-2 has. Members and
+# poolings match SST2's ensemble, so that SST member k starts from member k here.
+IMDB_SENTENCES = dataclasses.replace(
+    DEFAULT,
+    data=dataclasses.replace(DEFAULT.data, dataset="imdb_sentences", max_length=80, tokenizer_max_texts=100_000),
+    model=dataclasses.replace(DEFAULT.model, embedding_dropout=0.3, head_dropout=0.5),
+    export=dataclasses.replace(DEFAULT.export, max_length=None),
+    train=dataclasses.replace(DEFAULT.train, epochs=3, batch_size=128, learning_rate=2e-3, warmup_steps=100,
+                              early_stopping_patience=1, backup_every_steps=500),
+)
+
+PRESETS = {"default": DEFAULT, "tiny": TINY, "sst2": SST2, "sst5": SST5, "imdb_sentences": IMDB_SENTENCES}

@@ -8,7 +8,8 @@ Conventions this module owns:
   Absolute paths, ``..`` components, links and device files are rejected with the member
   named. The parsed reviews are cached once per archive sha256 as gzipped JSON lines.
 * The validation split is carved from the training split, stratified by label, with a
-  seeded generator. The test split is never used for early stopping or tuning.
+  seeded generator, or for SST is its own dev file (``data.validation_from=dev``). The
+  test split is never used for early stopping or tuning.
 * Texts longer than ``data.max_length`` tokens are truncated after tokenization, keeping
   the head, the tail or both. The number of truncated texts is logged as a WARNING.
 * Token ids are padded on the right with ``PAD_ID = 0`` (see ``shared.padding``); every
@@ -57,6 +58,13 @@ SST_SPLITS = ("train", "dev", "test")
 
 HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 HTML_BREAK_PATTERN = r"(?i)<br\s*/?>"  # The same pattern in RE2 syntax, for tf.strings.regex_replace.
+
+# ``imdb_sentences`` cuts reviews after ., ! or ? followed by white space, and keeps the
+# sentences of SENTENCE_MIN_WORDS to SENTENCE_MAX_WORDS words: shorter ones are mostly
+# fragments ("8/10."), longer ones mostly missing punctuation.
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+SENTENCE_MIN_WORDS = 4
+SENTENCE_MAX_WORDS = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,12 +339,19 @@ def split_stratified(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 def load_splits(config: DataConfig, data_dir: Path, seed: int) -> dict[str, LabeledTexts]:
     """Load the configured dataset as ``train``, ``validation`` and ``test`` (when it has one).
 
-    SST also keeps its ``dev`` file as the ``dev`` split, for evaluation only.
+    SST also keeps its ``dev`` file as the ``dev`` split. With ``data.validation_from=dev``
+    that split is also the validation split, and the training split stays whole.
     """
     raw = load_raw_splits(config, data_dir)
-    train_indices, validation_indices = split_stratified(raw["train"].labels, config.validation_fraction, seed)
-    splits = {"train": raw["train"].subset(train_indices), "validation": raw["train"].subset(validation_indices)}
+    if config.validation_from == "dev":
+        splits = {"train": raw["train"], "validation": raw["dev"]}
+    else:
+        train_indices, validation_indices = split_stratified(raw["train"].labels, config.validation_fraction, seed)
+        splits = {"train": raw["train"].subset(train_indices), "validation": raw["train"].subset(validation_indices)}
     splits.update({name: data for name, data in raw.items() if name != "train"})
+    if config.dataset == "imdb_sentences":
+        # Cut after the carve-out, so that no review has sentences on both sides of it.
+        splits = {name: split_into_sentences(data) for name, data in splits.items()}
     for name, data in splits.items():
         counts = np.bincount(data.labels, minlength=len(data.label_names))
         logger.info("Split %s: %d texts; per label %s", name, len(data),
@@ -346,7 +361,7 @@ def load_splits(config: DataConfig, data_dir: Path, seed: int) -> dict[str, Labe
 
 def load_raw_splits(config: DataConfig, data_dir: Path) -> dict[str, LabeledTexts]:
     """Load the dataset's own splits before the validation carve-out."""
-    if config.dataset == "imdb":
+    if config.dataset in ("imdb", "imdb_sentences"):
         paths = ensure_files("IMDB", [RemoteFile(IMDB_ARCHIVE)], data_dir, download=False)
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir() / "sentiment"
         return load_imdb(paths[IMDB_ARCHIVE], cache_dir)
@@ -362,6 +377,31 @@ def load_raw_splits(config: DataConfig, data_dir: Path) -> dict[str, LabeledText
         splits["test"] = load_label_table(Path(config.test_file), config.text_column, config.label_column,
                                           train.label_names)
     return splits
+
+
+def split_into_sentences(data: LabeledTexts) -> LabeledTexts:
+    """Cut every text into sentences that keep the text's label (distant supervision).
+
+    HTML line breaks become spaces first. Sentences outside ``SENTENCE_MIN_WORDS`` to
+    ``SENTENCE_MAX_WORDS`` words are dropped. The origin of a sentence is its text's
+    origin with ``#<sentence number>`` appended (counted from 1 over all pieces).
+
+    Raises:
+        DataError: no text yields a sentence of accepted length.
+    """
+    texts, labels, origins = [], [], []
+    for text, label, origin in zip(data.texts, data.labels, data.origins):
+        for number, sentence in enumerate(SENTENCE_END.split(HTML_BREAK.sub(" ", text).strip()), start=1):
+            if SENTENCE_MIN_WORDS <= len(sentence.split()) <= SENTENCE_MAX_WORDS:
+                texts.append(sentence)
+                labels.append(label)
+                origins.append(f"{origin}#{number}")
+    if not texts:
+        first = f" (the first is {data.origins[0]})" if data.origins else ""
+        raise DataError(f"None of the {len(data)} texts{first} has a sentence of {SENTENCE_MIN_WORDS} to "
+                        f"{SENTENCE_MAX_WORDS} words, so imdb_sentences has nothing to train on; it needs "
+                        "reviews with punctuated sentences.")
+    return LabeledTexts(texts, np.asarray(labels, dtype=np.int32), data.label_names, origins)
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from pipelines.sentiment.config import SentimentConfig
+from pipelines.sentiment.config import IMDB_SENTENCES_RUN, SentimentConfig
 from pipelines.sentiment.data import (
     LabeledTexts,
     clean_text,
@@ -95,6 +95,24 @@ def copy_tokenizer(source_run: Path, run_dir: Path) -> SentencePieceTokenizer:
     return load_sentencepiece(target_dir / f"{TOKENIZER_NAME}.model", source.sha256)
 
 
+def require_trained_run(source_run: Path) -> Path:
+    """Return the ``model.keras`` path of the ``model.init_from`` run.
+
+    Raises:
+        DataError: that run has no trained model; the message names the command that trains it
+            and the setting that skips it.
+    """
+    source_path = source_run / "model.keras"
+    if not source_path.is_file():
+        preset_hint = ""
+        if source_run == Path(IMDB_SENTENCES_RUN):
+            preset_hint = (" That is where `python -m pipelines.sentiment train --preset imdb_sentences` writes the "
+                           "sentence model the SST presets start from; run it first (about 50 minutes on 2 cores).")
+        raise DataError(f"{source_path}: model.init_from names a run without a trained model.{preset_hint} Train "
+                        "that run, fix the path, or pass --set model.init_from=null to train from scratch.")
+    return source_path
+
+
 def initialize_from_run(model: keras.Model, source_run: Path, member_index: int = 0) -> None:
     """Start ``model`` from the weights of the model trained in ``source_run``, layer by layer.
 
@@ -103,10 +121,7 @@ def initialize_from_run(model: keras.Model, source_run: Path, member_index: int 
     Raises:
         DataError: ``source_run`` has no trained model.
     """
-    source_path = source_run / "model.keras"
-    if not source_path.is_file():
-        raise DataError(f"{source_path}: model.init_from names a run without a trained model; "
-                        "train that run first or fix the path.")
+    source_path = require_trained_run(source_run)
     sources = list_members(keras.saving.load_model(source_path))
     skipped = copy_matching_weights(sources[member_index % len(sources)], model)
     logger.info("Initialized from %s", source_path)
@@ -198,6 +213,8 @@ def train(config: SentimentConfig, context: CommandContext) -> dict[str, Any]:
     as ``model.keras``. A rerun keeps every member that finished and trains the others.
     """
     run_dir = context.run_dir
+    if config.model.init_from:
+        require_trained_run(Path(config.model.init_from))
     splits = load_splits(config.data, context.data_dir, config.train.seed)
     tokenizer = prepare_tokenizer(config, splits["train"], run_dir)
     label_names = splits["train"].label_names
@@ -309,9 +326,13 @@ def tune(config: SentimentConfig, context: CommandContext) -> dict[str, Any]:
     """Run the shared staged hyperparameter search on the training and validation splits.
 
     The tokenizer is trained once and the splits tokenized once; each trial only batches them.
+    With ``model.init_from``, every trial starts from that run's model (its first member),
+    as ``train`` would.
     """
     from shared.tuning import run_tuning
 
+    if config.model.init_from:
+        require_trained_run(Path(config.model.init_from))
     splits = load_splits(config.data, context.data_dir, config.train.seed)
     tokenizer = prepare_tokenizer(config, splits["train"], context.run_dir)
     encoded = encode_training_splits(config, splits, tokenizer)
@@ -323,7 +344,10 @@ def tune(config: SentimentConfig, context: CommandContext) -> dict[str, Any]:
     def build_model(trial_config: SentimentConfig) -> keras.Model:
         steps = trial_config.train.steps_per_epoch or math.ceil(len(encoded["train"][1]) /
                                                                 trial_config.train.batch_size)
-        return build_compiled_model(trial_config, tokenizer.vocab_size, encoded["num_classes"], steps)
+        model = build_compiled_model(trial_config, tokenizer.vocab_size, encoded["num_classes"], steps)
+        if trial_config.model.init_from:
+            initialize_from_run(model, Path(trial_config.model.init_from))
+        return model
 
     def build_export_model(trial_config: SentimentConfig, model: keras.Model) -> keras.Model:
         return build_fixed_shape_copy(trial_config, model, tokenizer.vocab_size, encoded["num_classes"])

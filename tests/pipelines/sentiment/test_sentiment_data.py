@@ -18,8 +18,10 @@ from pipelines.sentiment.data import (
     load_splits,
     load_sst,
     read_input_lines,
+    split_into_sentences,
     split_stratified,
     truncate_ids,
+    LabeledTexts,
 )
 from shared.errors import ConfigError, DataError
 
@@ -221,6 +223,64 @@ def test_load_splits_sst_carves_validation(tmp_path):
     assert len(splits["validation"]) == 10
     assert len(splits["train"]) == 30
     assert sorted(splits) == ["dev", "test", "train", "validation"]
+
+
+def test_split_into_sentences_keeps_labels_and_drops_fragments():
+    data = LabeledTexts(
+        ["A truly great film from start to end. 10/10! Would I watch it again? Yes, many more times.<br />"
+         "The cast is wonderful in every role", "Dull, slow and far too long overall."],
+        np.array([1, 0]), ("negative", "positive"), ["a.txt", "b.txt"],
+    )
+    sentences = split_into_sentences(data)
+    assert sentences.texts == ["A truly great film from start to end.", "Would I watch it again?",
+                               "Yes, many more times.", "The cast is wonderful in every role",
+                               "Dull, slow and far too long overall."]
+    assert sentences.labels.tolist() == [1, 1, 1, 1, 0]
+    assert sentences.origins == ["a.txt#1", "a.txt#3", "a.txt#4", "a.txt#5", "b.txt#1"]
+
+
+def test_split_into_sentences_without_any_sentence():
+    data = LabeledTexts(["Bad.", "Great!"], np.array([0, 1]), ("negative", "positive"), ["a.txt", "b.txt"])
+    with pytest.raises(DataError, match=r"None of the 2 texts \(the first is a.txt\) has a sentence of 4 to 60 words"):
+        split_into_sentences(data)
+
+
+def test_imdb_sentences_split_by_review(tmp_path):
+    folder = tmp_path / "sentiment" / "imdb"
+    folder.mkdir(parents=True)
+
+    def reviews(tar):
+        for i in range(20):
+            text = f"Review {i} opens with this sentence. Review {i} closes with another sentence."
+            add_file(tar, f"aclImdb/train/{'pos' if i % 2 else 'neg'}/{i + 10}_5.txt", text.encode())
+        add_file(tar, "aclImdb/test/pos/9_9.txt", b"A test review with one long sentence.")
+
+    write_imdb_archive(folder / "aclImdb_train_test.tar.gz", extra=reviews)
+    config = DataConfig(dataset="imdb_sentences", validation_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+    splits = load_splits(config, tmp_path, seed=0)
+    reviews_of = {name: {origin.split("#")[0] for origin in data.origins} for name, data in splits.items()}
+    assert not reviews_of["train"] & reviews_of["validation"]
+    # 2 of the 11 negative and 2 of the 12 positive reviews; seed 0 picks 4 that have sentences.
+    assert len(reviews_of["validation"]) == 4
+    assert all(text.count(".") <= 1 for text in splits["train"].texts)
+    assert splits["test"].texts == ["A test review with one long sentence."]
+
+
+def test_load_splits_sst_validates_on_dev(tmp_path):
+    folder = tmp_path / "sentiment" / "sst"
+    folder.mkdir(parents=True)
+    for split, count in (("train", 40), ("dev", 6), ("test", 8)):
+        rows = "".join(f"{i % 2} {split} sentence {i} .\n" for i in range(count))
+        (folder / f"stsa.binary.{split}").write_text(rows, encoding="utf-8")
+    splits = load_splits(DataConfig(dataset="sst2", validation_from="dev"), tmp_path, seed=3)
+    assert len(splits["train"]) == 40
+    assert splits["validation"].texts == splits["dev"].texts
+    assert splits["validation"].texts[0] == "dev sentence 0 ."
+
+
+def test_validation_from_dev_needs_a_dev_split():
+    with pytest.raises(ConfigError, match="data.validation_from is 'dev' but data.dataset 'imdb' has no dev split"):
+        DataConfig(dataset="imdb", validation_from="dev")
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines.sentiment.config import PRESETS, DataConfig
+from pipelines.sentiment.config import IMDB_SENTENCES_RUN, PRESETS, DataConfig
 from pipelines.sentiment.data import truncate_ids
 from pipelines.sentiment.pipeline import COMMANDS
 from pipelines.sentiment.serving import QUANTIZED_TOLERANCES, truncate_ragged
@@ -130,6 +130,18 @@ def test_tune_one_stage(trained_run, tmp_path):
     assert (tmp_path / "tune" / "best.yaml").is_file()
 
 
+@pytest.mark.slow
+def test_tune_starts_trials_from_init_run(trained_run, tmp_path):
+    """With a learning rate too small to learn anything, only the trained start scores well."""
+    folder = trained_run["folder"]
+    settings = ["--set", "data.dataset=csv", "--set", f"data.train_file={folder / 'train.csv'}",
+                "--set", "data.max_length=16", "--set", "train.learning_rate=1e-9", "--data-dir", str(folder),
+                "--max-trials", "1", "--stage", "regularization"]
+    code, output = cli("tune", tmp_path / "tune", *settings, "--set", f"model.init_from={trained_run['run_dir']}")
+    assert code == 0
+    assert json.loads(output)["best_value"] >= 0.9
+
+
 @pytest.fixture(scope="module")
 def ensemble_run(trained_run):
     """Train a 2-member ensemble of the tiny preset on the same synthetic CSV."""
@@ -217,6 +229,33 @@ def test_real_sst2_slice(data_dir, tmp_path):
     metrics = run_real_tiny(tmp_path, ["--set", "data.dataset=sst2", "--set", "data.strip_html=false"], 300)
     assert metrics["examples"] == 300
     assert set(metrics["per_class"]) == {"negative", "positive"}
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_real_imdb_sentences_then_sst2(data_dir, tmp_path):
+    """Pretrain on a slice of IMDB sentences, then start an SST-2 run from it (the sst2 recipe)."""
+    source = run_real_tiny(tmp_path, ["--set", "data.dataset=imdb_sentences"], 300)
+    assert source["examples"] == 300
+    data_dir = os.environ["PIPELINES_DATA_DIR"]
+    code, output = cli("train", tmp_path / "sst2", "--data-dir", data_dir, "--set", "data.dataset=sst2",
+                       "--set", "data.validation_from=dev", "--set", f"model.init_from={tmp_path / 'run'}")
+    assert code == 0
+    assert json.loads(output)["epochs_run"] == 1
+    spm = "tokenizer/spm.model"
+    assert (tmp_path / "sst2" / spm).read_bytes() == (tmp_path / "run" / spm).read_bytes()
+
+
+def test_train_without_the_init_run_explains(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = run_cli("sentiment", PRESETS, COMMANDS, argv=["train", "--preset", "sst2", "--run-dir",
+                                                         str(tmp_path / "run"), "--data-dir", str(tmp_path)],
+                   stdout=io.StringIO())
+    assert code == 1
+    logs = capsys.readouterr().err
+    assert f"{IMDB_SENTENCES_RUN}/model.keras: model.init_from names a run without" in logs
+    assert "--preset imdb_sentences" in logs
+    assert "model.init_from=null" in logs
 
 
 @pytest.mark.slow
