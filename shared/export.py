@@ -637,8 +637,28 @@ def run_tflite(
     """
     runner = _signature_runner(tflite_path, signature_key)
     feeds = _example_feeds(runner, inputs, tflite_path)
-    results = [runner(**feed) for feed in feeds]
+    results = [_invoke(runner, feed, tflite_path) for feed in feeds]
     return {name: np.stack([result[name] for result in results]) for name in results[0]}
+
+
+def _invoke(runner, feed: dict[str, np.ndarray], tflite_path: str | Path) -> dict[str, np.ndarray]:
+    """Run one call of a signature runner; a runtime failure becomes an ExportError."""
+    try:
+        return runner(**feed)
+    except RuntimeError as error:
+        # The runtime can repeat one message many times in a single error; keep one copy.
+        message = re.sub(r"(.{10,}?)\1+", r"\1 ", str(error)).rstrip(". ")[:500]
+        hint = ""
+        if "XNNPACK" in message:
+            hint = (
+                " XNNPACK (the runtime's default CPU delegate) rejects quantized operators whose "
+                "scales fall outside its range. With full int8 that happens when calibration "
+                "never reached a tensor, so its calibrated range is near zero: calibrate with "
+                "inputs that use every time step."
+            )
+        raise ExportError(
+            f"{tflite_path}: the stock LiteRT runtime failed to run the model: {message}.{hint}"
+        ) from error
 
 
 def _signature_runner(tflite_path: str | Path, signature_key: str):
@@ -717,7 +737,7 @@ def measure_latency_ms(
         runner, {name: values[:1] for name, values in inputs.items()}, tflite_path
     )[0]
     for _ in range(LATENCY_WARMUP_RUNS):
-        runner(**feed)
+        _invoke(runner, feed, tflite_path)
     timings = []
     for _ in range(runs):
         start = time.perf_counter()

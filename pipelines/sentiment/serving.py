@@ -322,7 +322,11 @@ def export_all(
     parity_ids = pad_batch(encode_texts(tokenizer, parity.texts, fixed_data, parity.origins), max_length)
     keras_probabilities = np.asarray(model.predict(parity_ids, batch_size=64, verbose=0))
     calibration = sample_split(splits["train"], config.export.representative_samples, config.train.seed + 1)
-    calibration_ids = pad_batch(encode_texts(tokenizer, calibration.texts, fixed_data), max_length)
+    calibration_token_ids = encode_texts(tokenizer, calibration.texts, fixed_data)
+    # A quarter of the calibration rows are texts joined to fill every step. The converter
+    # uses only the first export.representative_samples rows, so these replace real texts.
+    filled = fill_every_step(calibration_token_ids, max_length)[: max(1, len(calibration_token_ids) // 4)]
+    calibration_ids = pad_batch(calibration_token_ids[: len(calibration_token_ids) - len(filled)] + filled, max_length)
     tflite_entry = export_tflite_variants(
         token_ids_dir, FIXED_SIGNATURE, export_dir, "classifier",
         parity_inputs={"token_ids": parity_ids}, keras_outputs={"probabilities": keras_probabilities},
@@ -332,6 +336,18 @@ def export_all(
     check_int8_accuracy(tflite_entry)
     logger.info("Export finished in %.1f s: %s", time.monotonic() - started, export_dir)
     return {"export_dir": str(export_dir), **load_export_report(export_dir)}
+
+
+def fill_every_step(token_ids: Sequence[Sequence[int]], max_length: int) -> list[list[int]]:
+    """Join texts end to end and cut the result into rows of exactly ``max_length`` ids.
+
+    Full-int8 calibration mixes such rows with the real texts. Without them, when every
+    calibration text is shorter than ``max_length``, the backward recurrent direction
+    starts from a zero state at the last steps of every calibration row. Those steps then
+    get a near-zero range and a scale that XNNPACK rejects, so the model fails to run.
+    """
+    joined = [token_id for ids in token_ids for token_id in ids]
+    return [joined[start : start + max_length] for start in range(0, len(joined) - max_length + 1, max_length)]
 
 
 def check_int8_accuracy(entry: dict[str, Any]) -> None:

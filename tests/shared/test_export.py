@@ -245,6 +245,30 @@ def test_parity_rejects_wrong_shape(window_export):
         )
 
 
+class FailingRunner:
+    """A signature runner whose calls fail the way XNNPACK fails to prepare a model."""
+
+    def get_input_details(self):
+        return {"window": {"shape": np.array([1, 4]), "dtype": np.float32}}
+
+    def __call__(self, **feed):
+        raise RuntimeError(
+            "failed to create XNNPACK runtime" * 3
+            + "Node number 11611 (TfLiteXNNPackDelegate) failed to prepare."
+        )
+
+
+def test_runtime_failure_is_export_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "_signature_runner", lambda path, key: FailingRunner())
+    with pytest.raises(ExportError) as caught:
+        export.run_tflite(tmp_path / "model.tflite", "serve", {"window": np.zeros((2, 4))})
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'model.tflite'}: the stock LiteRT runtime failed")
+    assert message.count("failed to create XNNPACK runtime") == 1
+    assert "Node number 11611" in message
+    assert "calibrate with inputs that use every time step" in message
+
+
 # ---------------------------------------------------------------------------
 # int8 of a one-step cell model.
 

@@ -127,3 +127,16 @@ def test_unrolled_ensemble_matches_keras():
     unrolled = np.asarray(compute_unrolled_probabilities(ensemble, tf.constant(token_ids)))
     np.testing.assert_allclose(unrolled, np.asarray(ensemble(token_ids)), atol=1e-6)
 
+
+
+def test_fill_every_step_rows():
+    from pipelines.sentiment.serving import fill_every_step
+
+    rows = fill_every_step([[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]], 4)
+    assert rows == [[1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+def test_fill_every_step_short_texts():
+    from pipelines.sentiment.serving import fill_every_step
+
+    assert fill_every_step([[1, 2], [3]], 4) == []

@@ -118,6 +118,21 @@ def test_export_tflite_parity(trained_run):
 
 
 @pytest.mark.slow
+def test_int8_runs_when_texts_are_shorter_than_the_fixed_length(trained_run, tmp_path):
+    """Every calibration text is shorter than 48 ids, yet the int8 model must run on XNNPACK."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run["run_dir"], run_dir, ignore=shutil.ignore_patterns("export"))
+    code, _ = cli("export", run_dir, "--data-dir", str(trained_run["folder"]), "--variants", "int8",
+                  "--set", "export.max_length=48")
+    assert code == 0
+    int8 = json.loads((run_dir / "export" / "export_report.json").read_text())["classifier"]["variants"]["int8"]
+    assert int8["status"] == "passed"
+    assert int8["metric"] >= 0.85
+
+
+@pytest.mark.slow
 def test_tune_one_stage(trained_run, tmp_path):
     folder = trained_run["folder"]
     settings = ["--set", "data.dataset=csv", "--set", f"data.train_file={folder / 'train.csv'}",
