@@ -165,15 +165,27 @@ def resolve_command_config(args: argparse.Namespace, presets: Mapping[str, Any],
 
 
 def check_resume_config(config: Any, run_dir: Path) -> None:
-    """Reject resuming an interrupted run with a different config, which would corrupt it."""
+    """Reject a rerun with a different config where it would reuse what the old one trained.
+
+    That is an interrupted run (``backup/``) or ensemble members (``members/``, whose
+    finished members a rerun keeps).
+    """
     saved = run_dir / "config.yaml"
-    if not (run_dir / "backup").exists() or not saved.is_file():
+    if not saved.is_file():
         return
     previous = load_config(type(config), saved)
-    if config_to_dict(previous) != config_to_dict(config):
+    if config_to_dict(previous) == config_to_dict(config):
+        return
+    if (run_dir / "backup").exists():
         raise ConfigError(
             f"{run_dir} contains an interrupted run trained with another config ({saved}). "
             "Rerun with the same preset, --config and --set to resume it, or pass a new --run-dir."
+        )
+    if (run_dir / "members").exists():
+        raise ConfigError(
+            f"{run_dir}/members contains ensemble members trained with another config ({saved}), "
+            "and a rerun would reuse the finished ones. Rerun with the same preset, --config and "
+            f"--set, pass a new --run-dir, or delete {run_dir}/members to train every member again."
         )
 
 

@@ -133,6 +133,21 @@ def test_resume_with_other_config_rejected(tmp_path, capsys):
     assert "interrupted run trained with another config" in capsys.readouterr().err
 
 
+def test_ensemble_rerun_with_other_config_rejected(tmp_path, capsys):
+    run(["train", "--set", "model.units=3"], tmp_path)
+    (tmp_path / "run" / "members" / "member0").mkdir(parents=True)
+    code, _ = run(["train", "--set", "model.units=4"], tmp_path)
+    assert code == 2
+    assert "members contains ensemble members trained with another config" in capsys.readouterr().err
+
+
+def test_ensemble_rerun_with_same_config_allowed(tmp_path):
+    run(["train", "--set", "model.units=3"], tmp_path)
+    (tmp_path / "run" / "members" / "member0").mkdir(parents=True)
+    code, _ = run(["train", "--set", "model.units=3"], tmp_path)
+    assert code == 0
+
+
 def test_resume_with_same_config_allowed(tmp_path):
     run(["train", "--set", "model.units=3"], tmp_path)
     (tmp_path / "run" / "backup").mkdir()
