@@ -107,7 +107,7 @@ def require_trained_run(source_run: Path) -> Path:
         preset_hint = ""
         if source_run == Path(IMDB_SENTENCES_RUN):
             preset_hint = (" That is where `python -m pipelines.sentiment train --preset imdb_sentences` writes the "
-                           "sentence model the SST presets start from; run it first (about 50 minutes on 2 cores).")
+                           "sentence model the SST presets start from; run it first (about 40 minutes on 2 cores).")
         raise DataError(f"{source_path}: model.init_from names a run without a trained model.{preset_hint} Train "
                         "that run, fix the path, or pass --set model.init_from=null to train from scratch.")
     return source_path
@@ -123,8 +123,12 @@ def initialize_from_run(model: keras.Model, source_run: Path, member_index: int 
     """
     source_path = require_trained_run(source_run)
     sources = list_members(keras.saving.load_model(source_path))
-    skipped = copy_matching_weights(sources[member_index % len(sources)], model)
-    logger.info("Initialized from %s", source_path)
+    source_index = member_index % len(sources)
+    skipped = copy_matching_weights(sources[source_index], model)
+    if len(sources) > 1:
+        logger.info("Initialized from member %d of %d in %s", source_index + 1, len(sources), source_path)
+    else:
+        logger.info("Initialized from %s", source_path)
     if skipped:
         logger.warning("Layers %s keep their random initialization: their weight shapes differ in %s.",
                        skipped, source_path)
@@ -140,7 +144,8 @@ def load_trained(context: CommandContext) -> tuple[keras.Model, SentencePieceTok
     model_path = run_dir / "model.keras"
     if not model_path.is_file():
         raise DataError(f"{model_path}: no trained model. Run `python -m pipelines.sentiment train "
-                        f"--run-dir {run_dir}` first, or pass the --run-dir of a trained run.")
+                        f"--preset {context.preset} --run-dir {run_dir}` first, or pass the --run-dir of a "
+                        "trained run.")
     import pipelines.sentiment.model  # noqa: F401  Registers MaskedAttentionPooling for loading.
 
     model = keras.saving.load_model(model_path)

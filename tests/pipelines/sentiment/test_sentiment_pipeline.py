@@ -261,6 +261,12 @@ def test_real_imdb_sentences_then_sst2(data_dir, tmp_path):
     assert (tmp_path / "sst2" / spm).read_bytes() == (tmp_path / "run" / spm).read_bytes()
 
 
+def test_evaluate_without_a_model_names_the_preset(tmp_path, capsys):
+    code, _ = cli("evaluate", tmp_path / "run", "--data-dir", str(tmp_path))
+    assert code == 1
+    assert f"train --preset tiny --run-dir {tmp_path / 'run'}` first" in capsys.readouterr().err
+
+
 def test_train_without_the_init_run_explains(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = run_cli("sentiment", PRESETS, COMMANDS, argv=["train", "--preset", "sst2", "--run-dir",
