@@ -113,16 +113,27 @@ def require_trained_run(source_run: Path) -> Path:
     return source_path
 
 
-def initialize_from_run(model: keras.Model, source_run: Path, member_index: int = 0) -> None:
-    """Start ``model`` from the weights of the model trained in ``source_run``, layer by layer.
-
-    When that model is an ensemble, member ``member_index`` (modulo its size) is the source.
+def load_run_members(source_run: Path) -> list[keras.Model]:
+    """Load the model trained in ``source_run`` and return its members (itself when single).
 
     Raises:
         DataError: ``source_run`` has no trained model.
     """
-    source_path = require_trained_run(source_run)
-    sources = list_members(keras.saving.load_model(source_path))
+    return list_members(keras.saving.load_model(require_trained_run(source_run)))
+
+
+def initialize_from_run(model: keras.Model, source_run: Path, member_index: int = 0,
+                        sources: list[keras.Model] | None = None) -> None:
+    """Start ``model`` from the weights of the model trained in ``source_run``, layer by layer.
+
+    When that model is an ensemble, member ``member_index`` (modulo its size) is the source.
+    ``sources`` are its members when already loaded by `load_run_members`.
+
+    Raises:
+        DataError: ``source_run`` has no trained model.
+    """
+    source_path = source_run / "model.keras"
+    sources = sources or load_run_members(source_run)
     source_index = member_index % len(sources)
     skipped = copy_matching_weights(sources[source_index], model)
     if len(sources) > 1:
@@ -336,8 +347,8 @@ def tune(config: SentimentConfig, context: CommandContext) -> dict[str, Any]:
     """
     from shared.tuning import run_tuning
 
-    if config.model.init_from:
-        require_trained_run(Path(config.model.init_from))
+    # Loaded once here, because every trial starts from these weights.
+    init_members = load_run_members(Path(config.model.init_from)) if config.model.init_from else None
     splits = load_splits(config.data, context.data_dir, config.train.seed)
     tokenizer = prepare_tokenizer(config, splits["train"], context.run_dir)
     encoded = encode_training_splits(config, splits, tokenizer)
@@ -351,7 +362,7 @@ def tune(config: SentimentConfig, context: CommandContext) -> dict[str, Any]:
                                                                 trial_config.train.batch_size)
         model = build_compiled_model(trial_config, tokenizer.vocab_size, encoded["num_classes"], steps)
         if trial_config.model.init_from:
-            initialize_from_run(model, Path(trial_config.model.init_from))
+            initialize_from_run(model, Path(trial_config.model.init_from), sources=init_members)
         return model
 
     def build_export_model(trial_config: SentimentConfig, model: keras.Model) -> keras.Model:

@@ -225,7 +225,7 @@ def test_load_splits_sst_carves_validation(tmp_path):
     assert sorted(splits) == ["dev", "test", "train", "validation"]
 
 
-def test_split_into_sentences_keeps_labels_and_drops_fragments():
+def test_sentence_split_keeps_labels():
     data = LabeledTexts(
         ["A truly great film from start to end. 10/10! Would I watch it again? Yes, many more times.<br />"
          "The cast is wonderful in every role", "Dull, slow and far too long overall."],
@@ -239,7 +239,7 @@ def test_split_into_sentences_keeps_labels_and_drops_fragments():
     assert sentences.origins == ["a.txt#1", "a.txt#3", "a.txt#4", "a.txt#5", "b.txt#1"]
 
 
-def test_split_into_sentences_without_any_sentence():
+def test_sentence_split_without_sentences():
     data = LabeledTexts(["Bad.", "Great!"], np.array([0, 1]), ("negative", "positive"), ["a.txt", "b.txt"])
     with pytest.raises(DataError, match=r"None of the 2 texts \(the first is a.txt\) has a sentence of 4 to 60 words"):
         split_into_sentences(data)
@@ -278,7 +278,7 @@ def test_load_splits_sst_validates_on_dev(tmp_path):
     assert splits["validation"].texts[0] == "dev sentence 0 ."
 
 
-def test_validation_from_dev_needs_a_dev_split():
+def test_validation_from_dev_needs_dev():
     with pytest.raises(ConfigError, match="data.validation_from is 'dev' but data.dataset 'imdb' has no dev split"):
         DataConfig(dataset="imdb", validation_from="dev")
 

@@ -118,7 +118,7 @@ def test_export_tflite_parity(trained_run):
 
 
 @pytest.mark.slow
-def test_int8_runs_when_texts_are_shorter_than_the_fixed_length(trained_run, tmp_path):
+def test_int8_short_texts_run(trained_run, tmp_path):
     """Every calibration text is shorter than 48 ids, yet the int8 model must run on XNNPACK."""
     import shutil
 
@@ -146,7 +146,7 @@ def test_tune_one_stage(trained_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_tune_starts_trials_from_init_run(trained_run, tmp_path):
+def test_tune_starts_from_init_run(trained_run, tmp_path):
     """With a learning rate too small to learn anything, only the trained start scores well."""
     folder = trained_run["folder"]
     settings = ["--set", "data.dataset=csv", "--set", f"data.train_file={folder / 'train.csv'}",
@@ -261,13 +261,13 @@ def test_real_imdb_sentences_then_sst2(data_dir, tmp_path):
     assert (tmp_path / "sst2" / spm).read_bytes() == (tmp_path / "run" / spm).read_bytes()
 
 
-def test_evaluate_without_a_model_names_the_preset(tmp_path, capsys):
+def test_evaluate_missing_model_hint(tmp_path, capsys):
     code, _ = cli("evaluate", tmp_path / "run", "--data-dir", str(tmp_path))
     assert code == 1
     assert f"train --preset tiny --run-dir {tmp_path / 'run'}` first" in capsys.readouterr().err
 
 
-def test_train_without_the_init_run_explains(tmp_path, capsys, monkeypatch):
+def test_train_missing_init_run(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = run_cli("sentiment", PRESETS, COMMANDS, argv=["train", "--preset", "sst2", "--run-dir",
                                                          str(tmp_path / "run"), "--data-dir", str(tmp_path)],
